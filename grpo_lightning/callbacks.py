@@ -1,0 +1,120 @@
+"""Callbacks: GSM8K accuracy before and after training, and export in Hugging Face format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torchmetrics.classification import BinaryAccuracy
+from tqdm.auto import tqdm
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSON lines, refusing to replace a file that is already there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("x", encoding="utf-8") as f:  # "x": never overwrite an earlier result
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _log_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class AccuracyCallback(L.Callback):
+    """GSM8K accuracy of the policy on the evaluation set before training starts and after it ends.
+
+    Logs ``eval/accuracy_before``, ``eval/accuracy_after`` and ``eval/improvement`` to every logger, prints
+    them, and writes each example (prompt, expected, extracted, completion, correct) to
+    ``eval_before.jsonl`` / ``eval_after.jsonl`` in the run's log directory. A resumed run keeps the
+    accuracy measured before its first start instead of measuring the half-trained model again.
+
+    Args:
+        before: Measure accuracy before training.
+        after: Measure accuracy after training.
+    """
+
+    def __init__(self, before: bool = True, after: bool = True):
+        self.before, self.after = before, after
+        self.accuracy_before: float | None = None
+        self.accuracy_after: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accuracy_before": self.accuracy_before}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accuracy_before = state_dict.get("accuracy_before")
+
+    def evaluate(self, trainer: L.Trainer, module: Any, stage: str) -> float:
+        datamodule = trainer.datamodule
+        datamodule.setup("validate")
+        metric = BinaryAccuracy().to(module.device)
+        rows: list[dict] = []
+        loader = datamodule.val_dataloader()
+        for batch in tqdm(loader, desc=f"GSM8K accuracy {stage} training", disable=not trainer.is_global_zero):
+            batch_rows = module.evaluate_batch(batch)
+            correct = torch.tensor([r["correct"] for r in batch_rows], device=module.device)
+            metric.update(correct, torch.ones_like(correct))
+            rows += batch_rows
+        accuracy = metric.compute().item()  # synchronised across processes
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        write_jsonl(_log_dir(trainer) / f"eval_{stage}{suffix}.jsonl", rows)
+        return accuracy
+
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        if not self.before or self.accuracy_before is not None:
+            return
+        self.accuracy_before = self.evaluate(trainer, module, "before")
+        self._log(trainer, {"eval/accuracy_before": self.accuracy_before})
+        rank_zero_info(f"GSM8K accuracy before training: {self.accuracy_before:.2%}")
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        if not self.after:
+            return
+        self.accuracy_after = self.evaluate(trainer, module, "after")
+        metrics = {"eval/accuracy_after": self.accuracy_after}
+        message = f"GSM8K accuracy after training: {self.accuracy_after:.2%}"
+        if self.accuracy_before is not None:
+            metrics["eval/improvement"] = self.accuracy_after - self.accuracy_before
+            message += f" (before {self.accuracy_before:.2%}, change {metrics['eval/improvement']:+.2%})"
+        self._log(trainer, metrics)
+        rank_zero_info(message)
+
+
+class HFExport(L.Callback):
+    """Save the policy and tokenizer with ``save_pretrained`` when fit ends.
+
+    Args:
+        export_dir: Where to save; ``None`` for ``hf_model`` in the run's log directory.
+        overwrite: Allow replacing a non-empty ``export_dir``; otherwise fit refuses to start.
+    """
+
+    def __init__(self, export_dir: str | None = None, overwrite: bool = False):
+        self.export_dir, self.overwrite = export_dir, overwrite
+        self.path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.path = Path(self.export_dir) if self.export_dir else _log_dir(trainer) / "hf_model"
+        if self.path.exists() and any(self.path.iterdir()) and not self.overwrite:
+            raise FileExistsError(
+                f"export directory {self.path} is not empty; choose another export.export_dir "
+                "or set export.overwrite: true"
+            )
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        assert self.path is not None
+        module.policy.save_pretrained(self.path)
+        module.tokenizer.save_pretrained(self.path)
+        rank_zero_info(f"Saved the fine-tuned model and tokenizer to {self.path}")

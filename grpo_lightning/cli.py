@@ -1,0 +1,55 @@
+"""The ``grpo-lightning`` command: LightningCLI with ``fit`` and ``validate`` (and ``test``/``predict`` unused).
+
+``grpo-lightning fit --config configs/cpu-tiny.yaml`` trains; ``--ckpt_path last`` resumes a stopped run;
+``grpo-lightning validate --config … --model.model_name_or_path DIR`` measures accuracy of a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from grpo_lightning.callbacks import AccuracyCallback, HFExport
+from grpo_lightning.data import GSM8KDataModule
+from grpo_lightning.module import GRPOModule
+
+
+class GRPOCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Always-on callbacks, configured as top-level sections of the YAML.
+        parser.add_lightning_class_args(AccuracyCallback, "eval")
+        parser.add_lightning_class_args(HFExport, "export")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
+
+    def before_fit(self) -> None:
+        """Refuse to start a new run on top of another run's checkpoints (resume it, or pick another dirpath)."""
+        checkpoint = self.trainer.checkpoint_callback
+        dirpath = getattr(checkpoint, "dirpath", None)
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if dirpath and ckpt_path is None and Path(dirpath).is_dir() and any(Path(dirpath).glob("*.ckpt")):
+            raise FileExistsError(
+                f"checkpoint directory {dirpath} already holds checkpoints: resume with --ckpt_path last, "
+                "or set checkpoint.dirpath to a new directory"
+            )
+
+
+def run(args: list[str] | None = None) -> GRPOCLI:
+    """Build the CLI and run its subcommand (``args`` instead of ``sys.argv``, for tests)."""
+    return GRPOCLI(
+        GRPOModule,
+        GSM8KDataModule,
+        trainer_defaults={"num_sanity_val_steps": 0, "log_every_n_steps": 1},
+        args=args,
+    )
+
+
+def main() -> None:
+    run()
+
+
+if __name__ == "__main__":
+    main()

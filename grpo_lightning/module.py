@@ -1,0 +1,284 @@
+"""GRPOModule: the policy, a frozen reference, and one GRPO step per ``training_step``.
+
+A step samples G completions for each of B prompts, scores them, turns rewards into group-relative
+advantages and runs μ updates of the clipped, KL-penalised objective on that one rollout (manual
+optimization, so every optimizer step is explicit and ``global_step`` counts them: steps × μ).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from grpo_lightning.loss import group_advantages, grpo_loss
+from grpo_lightning.rewards import is_correct, score_completions
+from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[Any, Any]:
+    """A causal LM and its tokenizer from a local directory or a hub id, with one clear error if neither."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model path {name_or_path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+    except OSError as e:
+        raise FileNotFoundError(f"could not load model '{name_or_path}' (no such directory, and not on the hub): {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # the seed's choice; completion masks never rely on padding
+    return model, tokenizer
+
+
+class GRPOModule(L.LightningModule):
+    """GRPO fine-tuning of a causal language model.
+
+    Args:
+        model_name_or_path: Hub id or local directory of the policy (and tokenizer).
+        dtype: Weights dtype when loading (``auto``, ``float32``, ``bfloat16``, ``float16``).
+        num_generations: Samples per prompt (G); advantages compare samples of the same prompt.
+        max_new_tokens: Longest completion sampled during training.
+        temperature: Sampling temperature of the rollouts.
+        beta: Weight of the KL penalty against the reference; 0 drops the reference model entirely.
+        clip_eps: Clipping range ε of the probability ratio.
+        mu: Optimizer steps on each rollout (μ); the old-policy pass is needed only when μ > 1.
+        ref_update_every: Copy the policy into the reference every N steps (the seed's outer iterations); 0 never.
+        reset_optimizer_on_ref_update: Clear the optimizer state at each reference refresh, as the seed does.
+        optimizer: Optimizer factory; default Adam with lr 5e-6, the seed's.
+        lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
+        grad_clip: Gradient-norm clipping value; 0 disables it.
+        gradient_checkpointing: Recompute decoder activations in the backward pass (saves memory, costs time).
+        input_require_grads: Make embedding outputs require grad, as the seed does for reentrant checkpointing.
+        rows_per_generate: Rows per ``generate`` call while sampling; ``None`` for all B*G at once.
+        rows_per_update: Rows per forward/backward in an update (gradient accumulation); ``None`` for all.
+        logprob_chunk_rows: Rows passed through the LM head at a time when computing log-probs.
+        generation_kwargs: Extra ``generate`` arguments for rollouts (e.g. ``top_k: 0``).
+        eval_max_new_tokens: Longest completion during evaluation; ``None`` for ``max_new_tokens``.
+        eval_generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
+        log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        dtype: str = "auto",
+        num_generations: int = 16,
+        max_new_tokens: int = 500,
+        temperature: float = 1.0,
+        beta: float = 0.04,
+        clip_eps: float = 0.1,
+        mu: int = 1,
+        ref_update_every: int = 0,
+        reset_optimizer_on_ref_update: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        grad_clip: float = 0.1,
+        gradient_checkpointing: bool = False,
+        input_require_grads: bool = False,
+        rows_per_generate: int | None = None,
+        rows_per_update: int | None = None,
+        logprob_chunk_rows: int = 4,
+        generation_kwargs: dict[str, Any] | None = None,
+        eval_max_new_tokens: int | None = None,
+        eval_generation_kwargs: dict[str, Any] | None = None,
+        log_samples_every_n_steps: int = 10,
+    ):
+        super().__init__()
+        self._check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if input_require_grads:
+            self.policy.enable_input_require_grads()
+        self.reference = None if beta == 0 else self._frozen_copy()
+        self.timings: dict[str, float] = {}
+
+    @staticmethod
+    def _check_sizes(G: int, max_new: int, mu: int, rows_gen: int | None, rows_upd: int | None, chunk: int) -> None:
+        if G < 2:
+            raise ValueError(f"model.num_generations must be at least 2 (advantages compare samples), got {G}")
+        for name, value in (("max_new_tokens", max_new), ("mu", mu), ("logprob_chunk_rows", chunk)):
+            if value < 1:
+                raise ValueError(f"model.{name} must be at least 1, got {value}")
+        for name, value in (("rows_per_generate", rows_gen), ("rows_per_update", rows_upd)):
+            if value is not None and (value < 1 or value % G):
+                raise ValueError(f"model.{name} ({value}) must be a positive multiple of num_generations ({G})")
+
+    def _frozen_copy(self) -> torch.nn.Module:
+        reference = copy.deepcopy(self.policy).eval()
+        reference.requires_grad_(False)
+        return reference
+
+    def train(self, mode: bool = True) -> GRPOModule:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # frozen: never in train mode, whatever Lightning toggles
+        return self
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=5e-6)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def on_fit_start(self) -> None:
+        max_steps = self.trainer.max_steps
+        if max_steps > 0 and max_steps % self.hparams.mu:
+            raise ValueError(
+                f"trainer.max_steps ({max_steps}) counts optimizer steps and must be a multiple of model.mu "
+                f"({self.hparams.mu}): {max_steps // self.hparams.mu} rollout steps would not be whole"
+            )
+
+    # --- one GRPO step -------------------------------------------------------------------------------
+
+    def _logprobs(self, model: Any, rollout: Rollout, rows: slice = slice(None)) -> torch.Tensor:
+        return sequence_logprobs(
+            model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_length, self.hparams.logprob_chunk_rows
+        )
+
+    def _refresh_reference(self, step: int) -> None:
+        every = self.hparams.ref_update_every
+        if self.reference is None or not every or step == 0 or step % every:
+            return
+        self.reference.load_state_dict(self.policy.state_dict())
+        if self.hparams.reset_optimizer_on_ref_update:
+            self.optimizers().optimizer.state.clear()
+
+    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        hp = self.hparams
+        step = self.global_step // hp.mu  # rollout steps completed before this one
+        self._refresh_reference(step)
+        clock = time.perf_counter()
+        rollout = generate_rollout(
+            self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens,
+            hp.temperature, hp.rows_per_generate, hp.generation_kwargs,
+        )
+        self.timings = {"sampling": time.perf_counter() - clock}
+
+        expected = [a for a in batch["expected"] for _ in range(hp.num_generations)]  # [B*G], groups adjacent
+        scores = score_completions(rollout.completions, expected)
+        rewards = torch.tensor(scores["total"], dtype=torch.float32, device=self.device)  # [B*G]
+        advantages = group_advantages(rewards, hp.num_generations)
+        mask = rollout.completion_mask
+
+        with torch.no_grad():
+            clock = time.perf_counter()
+            ref_logp = self._logprobs(self.reference, rollout) if self.reference is not None else None
+            self.timings["reference"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            old_logp = self._logprobs(self.policy, rollout) if hp.mu > 1 else None  # μ = 1: ratio is 1
+            self.timings["old_policy"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        stats = self._update(rollout, old_logp, ref_logp, advantages, mask)
+        self.timings["update"] = time.perf_counter() - clock
+
+        lengths = mask.sum(dim=1).float()
+        self.log("reward", rewards.mean(), prog_bar=True, batch_size=len(rewards))
+        self.log_dict(
+            {
+                "reward/std": rewards.std(),
+                "reward/correctness": torch.tensor(scores["correctness"]).mean(),
+                "reward/format": torch.tensor(scores["format"]).mean(),
+                "completion/length_mean": lengths.mean(),
+                "completion/length_max": lengths.max(),
+                "completion/truncated_fraction": rollout.truncated.float().mean(),
+                "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+                **stats,
+                **{f"time/{k}": torch.tensor(v) for k, v in self.timings.items()},
+            },
+            batch_size=len(rewards),
+        )
+        self._log_samples(step, batch, rollout, scores["total"])
+
+    def _update(self, rollout: Rollout, old_logp: Any, ref_logp: Any, advantages: torch.Tensor, mask: torch.Tensor) -> dict:
+        """μ optimizer steps on one rollout; rows are processed ``rows_per_update`` at a time."""
+        hp = self.hparams
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        N = advantages.shape[0]
+        per = hp.rows_per_update or N
+        totals: dict[str, torch.Tensor] = {}
+        for _ in range(hp.mu):
+            optimizer.zero_grad()
+            totals = {}
+            for start in range(0, N, per):
+                rows = slice(start, start + per)
+                logp = self._logprobs(self.policy, rollout, rows)  # [rows, C]
+                loss, stats = grpo_loss(
+                    logp, None if old_logp is None else old_logp[rows], None if ref_logp is None else ref_logp[rows],
+                    advantages[rows], mask[rows], hp.clip_eps, hp.beta,
+                )
+                weight = logp.shape[0] / N  # the loss is a mean over rows: accumulate row-weighted parts
+                self.manual_backward(loss * weight)
+                for key, value in {"loss": loss.detach(), **stats}.items():
+                    totals[key] = totals.get(key, 0) + value * weight
+            if hp.grad_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        return totals  # statistics of the last of the μ updates
+
+    def _log_samples(self, step: int, batch: dict, rollout: Rollout, rewards: list[float]) -> None:
+        every = self.hparams.log_samples_every_n_steps
+        experiment = getattr(self.logger, "experiment", None)
+        if not every or step % every or not hasattr(experiment, "add_text"):
+            return
+        G = self.hparams.num_generations
+        text = "\n\n".join(
+            f"**prompt**\n\n```\n{batch['prompt'][0]}\n```\n\n**sample {i}, reward {rewards[i]:.2f}**\n\n```\n{rollout.completions[i]}\n```"
+            for i in range(min(2, G))
+        )
+        experiment.add_text("samples", text, global_step=self.global_step)
+
+    # --- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
+        """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
+        from grpo_lightning.rewards import extract_model_answer
+
+        hp = self.hparams
+        rollout = generate_rollout(
+            self.policy, self.tokenizer, batch["prompt"], 1, hp.eval_max_new_tokens or hp.max_new_tokens,
+            generation_kwargs={"do_sample": False, **(hp.eval_generation_kwargs or {})},
+        )
+        return [
+            {"prompt": p, "expected": e, "extracted": extract_model_answer(c), "completion": c, "correct": is_correct(c, e)}
+            for p, e, c in zip(batch["prompt"], batch["expected"], rollout.completions)
+        ]
+
+    def on_validation_epoch_start(self) -> None:
+        from torchmetrics.classification import BinaryAccuracy
+
+        self.val_accuracy = BinaryAccuracy().to(self.device)
+        self.val_rows: list[dict] = []
+
+    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        rows = self.evaluate_batch(batch)
+        self.val_rows += rows
+        correct = torch.tensor([r["correct"] for r in rows], device=self.device)
+        self.val_accuracy.update(correct, torch.ones_like(correct))
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(rows))
+
+    def on_validation_epoch_end(self) -> None:
+        from grpo_lightning.callbacks import write_jsonl
+
+        log_dir = self.trainer.log_dir
+        if log_dir is not None and self.val_rows:
+            suffix = f"_rank{self.global_rank}" if self.trainer.world_size > 1 else ""
+            write_jsonl(Path(log_dir) / f"validate_examples{suffix}.jsonl", self.val_rows)

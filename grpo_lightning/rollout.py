@@ -1,0 +1,172 @@
+"""Rollouts: G samples per prompt, completion masks, and per-token log-probs of completions.
+
+Two traps shape this file. Sampling runs in eval mode with the KV cache on and gradient checkpointing
+paused: a checkpointed decoder in train mode drops the cache while ``generate`` feeds one token per step,
+so samples would not be conditioned on the prompt. And the pad token may be the EOS token, so a completion
+ends at its first EOS of any id the model declares, never where padding seems to start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Rollout:
+    """The samples of one training step, N = B*G rows, the G samples of a prompt adjacent."""
+
+    input_ids: Tensor  # [N, P + C] left-padded prompt, then completion (right-padded)
+    attention_mask: Tensor  # [N, P + C] prompt padding 0, completion through its first EOS 1
+    completion_mask: Tensor  # [N, C] 1 up to and including the first EOS
+    prompt_length: int  # P
+    completions: list[str]  # N decoded completions, EOS and what follows removed
+    truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every EOS id the generation config declares (Qwen declares two), plus the tokenizer's."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(declared if isinstance(declared, (list, tuple)) else [declared] if declared is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model declares no EOS token: completions could never end")
+    return sorted(ids)
+
+
+def completion_mask(completion_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
+    """1 up to and including the first EOS of each row, 0 after it; all 1 in a row without EOS.
+
+    completion_ids: [N, C] → [N, C] int mask.
+    """
+    N, C = completion_ids.shape
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))
+    first_eos = torch.full((N,), C, dtype=torch.long, device=completion_ids.device)
+    has_eos = is_eos.any(dim=1)
+    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]
+    return (torch.arange(C, device=completion_ids.device).expand(N, C) <= first_eos.unsqueeze(1)).int()
+
+
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+    logits = F.linear(hidden, weight, bias).float()  # [n, C, V], one chunk of rows only
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)  # log_softmax(logits)[target] without the full log_softmax
+
+
+def token_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 4, bias: Tensor | None = None
+) -> Tensor:
+    """log p(target) for each position, passing ``chunk_rows`` rows at a time through the LM head.
+
+    hidden: [N, C, H] hidden states that predict ``targets`` [N, C]; weight: [V, H]. Returns [N, C] float32.
+    Only one chunk's [chunk_rows, C, V] logits exist at a time; under autograd each chunk is checkpointed,
+    so the backward pass recomputes its logits instead of keeping all N rows' logits alive.
+    """
+    out = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            out.append(checkpoint(_chunk_logprobs, h, weight, bias, t, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(h, weight, bias, t))
+    return torch.cat(out)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as ``generate`` uses them: [N, T] → [N, T]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 4) -> Tensor:
+    """Per-token log-probs of the completion positions of ``input_ids`` under ``model``: [N, P + C] → [N, C].
+
+    The decoder runs once over the whole sequence; only the C completion positions go through the LM head.
+    """
+    backbone = model.base_model
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    ).last_hidden_state  # [N, P + C, H]
+    head = model.get_output_embeddings()
+    # the hidden state at position t predicts token t + 1
+    return token_logprobs(hidden[:, prompt_length - 1 : -1], head.weight, input_ids[:, prompt_length:], chunk_rows, head.bias)
+
+
+@contextmanager
+def sampling_mode(model: Any) -> Iterator[None]:
+    """Eval mode with gradient checkpointing paused for the duration; the previous state is restored after."""
+    was_training = model.training
+    # transformers 5 renamed the flag; read whichever this version has
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@torch.no_grad()
+def generate_rollout(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    rows_per_call: int | None = None,
+    generation_kwargs: dict | None = None,
+) -> Rollout:
+    """Sample ``num_generations`` completions for each prompt with ``generate`` (KV cache on, eval mode).
+
+    ``rows_per_call`` bounds the rows of one ``generate`` call (memory); ``generation_kwargs`` override the
+    model's generation config (e.g. ``{"do_sample": False}``, ``{"top_k": 0}``, ``{"min_new_tokens": 64}``).
+    """
+    device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer)
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
+    prompt_ids = enc.input_ids.repeat_interleave(num_generations, dim=0)  # [N, P]
+    prompt_mask = enc.attention_mask.repeat_interleave(num_generations, dim=0)
+    N, P = prompt_ids.shape
+    rows = rows_per_call or N
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    kwargs = {"do_sample": True, "temperature": temperature, "max_new_tokens": max_new_tokens, **(generation_kwargs or {})}
+    pieces = []
+    with sampling_mode(model):
+        for start in range(0, N, rows):
+            out = model.generate(
+                input_ids=prompt_ids[start : start + rows],
+                attention_mask=prompt_mask[start : start + rows],
+                eos_token_id=eos_ids,
+                pad_token_id=pad_id,
+                use_cache=True,
+                **kwargs,
+            )
+            pieces.append(out[:, P:])
+    C = max(p.shape[1] for p in pieces)
+    completion_ids = torch.cat([F.pad(p, (0, C - p.shape[1]), value=pad_id) for p in pieces])  # [N, C]
+    mask = completion_mask(completion_ids, eos_ids)
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
+    texts = tokenizer.batch_decode(
+        [ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True
+    )
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
+        completion_mask=mask,
+        prompt_length=P,
+        completions=texts,
+        truncated=~is_eos.any(dim=1),
+    )

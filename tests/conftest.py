@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny Qwen2-architecture model and tokenizer built offline, and real GSM8K rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
+TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+
+
+def build_tiny_model(out: Path, texts: list[str], seed: int = 0) -> Path:
+    """A byte-level BPE tokenizer trained on ``texts`` and a 2-layer random Qwen2 model, saved to ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts + TAGS * 50, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def gsm8k_rows(split: str, n: int) -> list[dict]:
+    with (GSM8K_DIR / f"{split}.jsonl").open() as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    rows = gsm8k_rows("train", 200)
+    texts = [r["question"] + "\n" + r["answer"] for r in rows]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), texts)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir(tmp_path_factory) -> Path:
+    """A small local GSM8K directory with the first real rows of each split."""
+    out = tmp_path_factory.mktemp("gsm8k")
+    for split, n in (("train", 64), ("test", 8)):
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(split, n)))
+    return out
