@@ -8,6 +8,7 @@ optimization, so every optimizer step is explicit and ``global_step`` counts the
 from __future__ import annotations
 
 import copy
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from grpo_lightning.loss import group_advantages, grpo_loss
 from grpo_lightning.rewards import is_correct, score_completions
-from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs
+from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs, set_checkpointing
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,7 +102,7 @@ class GRPOModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype)
         if gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointing(self.policy, True)
         if input_require_grads:
             self.policy.enable_input_require_grads()
         self.reference = None if beta == 0 else self._frozen_copy()
@@ -143,6 +144,24 @@ class GRPOModule(L.LightningModule):
                 f"trainer.max_steps ({max_steps}) counts optimizer steps and must be a multiple of model.mu "
                 f"({self.hparams.mu}): {max_steps // self.hparams.mu} rollout steps would not be whole"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Sampling draws from the global generators: keep their state so a resumed run samples what the
+        # uninterrupted run would have. (With several processes this is the saving process's state.)
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        random.setstate(states["python"])
 
     # --- one GRPO step -------------------------------------------------------------------------------
 

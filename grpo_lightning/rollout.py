@@ -29,6 +29,7 @@ class Rollout:
     prompt_length: int  # P
     completions: list[str]  # N decoded completions, EOS and what follows removed
     truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+    sample_logprobs: Tensor | None = None  # [N, C] log-probs seen by the sampler, when recorded
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -99,23 +100,39 @@ def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, pro
     return token_logprobs(hidden[:, prompt_length - 1 : -1], head.weight, input_ids[:, prompt_length:], chunk_rows, head.bias)
 
 
+def is_checkpointing(model: Any) -> bool:
+    """Whether activation (gradient) checkpointing is on; transformers 5 renamed the flag."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def set_checkpointing(model: Any, enabled: bool) -> None:
+    """Turn activation checkpointing on (non-reentrant) or off, under either transformers API."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 @contextmanager
 def sampling_mode(model: Any) -> Iterator[None]:
-    """Eval mode with gradient checkpointing paused for the duration; the previous state is restored after."""
-    was_training = model.training
-    # transformers 5 renamed the flag; read whichever this version has
-    checkpointing = getattr(model, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    """Eval mode with checkpointing paused for the duration; the previous state is restored after."""
+    was_training, checkpointing = model.training, is_checkpointing(model)
     if checkpointing:
-        model.gradient_checkpointing_disable()
+        set_checkpointing(model, False)
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointing(model, True)
 
 
 @torch.no_grad()
@@ -128,11 +145,14 @@ def generate_rollout(
     temperature: float = 1.0,
     rows_per_call: int | None = None,
     generation_kwargs: dict | None = None,
+    record_logprobs: bool = False,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each prompt with ``generate`` (KV cache on, eval mode).
 
     ``rows_per_call`` bounds the rows of one ``generate`` call (memory); ``generation_kwargs`` override the
     model's generation config (e.g. ``{"do_sample": False}``, ``{"top_k": 0}``, ``{"min_new_tokens": 64}``).
+    ``record_logprobs`` keeps the log-prob of each sampled token from the sampler's own (raw) logits; it
+    holds [rows, C, V] logits per call, so it is meant for checks, not for training at full vocabulary size.
     """
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
@@ -143,7 +163,9 @@ def generate_rollout(
     rows = rows_per_call or N
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     kwargs = {"do_sample": True, "temperature": temperature, "max_new_tokens": max_new_tokens, **(generation_kwargs or {})}
-    pieces = []
+    if not kwargs["do_sample"]:
+        kwargs.pop("temperature")  # greedy: a temperature would only draw a warning
+    pieces, logprob_pieces = [], []
     with sampling_mode(model):
         for start in range(0, N, rows):
             out = model.generate(
@@ -152,11 +174,18 @@ def generate_rollout(
                 eos_token_id=eos_ids,
                 pad_token_id=pad_id,
                 use_cache=True,
+                return_dict_in_generate=True,
+                output_logits=record_logprobs,
                 **kwargs,
             )
-            pieces.append(out[:, P:])
+            new = out.sequences[:, P:]  # [rows, C_call]
+            pieces.append(new)
+            if record_logprobs:
+                logits = torch.stack(out.logits, dim=1).float()  # [rows, C_call, V]
+                logprob_pieces.append(torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1))
     C = max(p.shape[1] for p in pieces)
     completion_ids = torch.cat([F.pad(p, (0, C - p.shape[1]), value=pad_id) for p in pieces])  # [N, C]
+    sample_logprobs = torch.cat([F.pad(p, (0, C - p.shape[1])) for p in logprob_pieces]) if record_logprobs else None
     mask = completion_mask(completion_ids, eos_ids)
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
     texts = tokenizer.batch_decode(
@@ -169,4 +198,5 @@ def generate_rollout(
         prompt_length=P,
         completions=texts,
         truncated=~is_eos.any(dim=1),
+        sample_logprobs=sample_logprobs,
     )

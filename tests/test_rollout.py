@@ -1,0 +1,99 @@
+"""Rollouts: completion masks, log-probs against the plain formula, and samples conditioned on the prompt."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo_lightning.rollout import (
+    completion_mask,
+    eos_token_ids,
+    generate_rollout,
+    is_checkpointing,
+    position_ids,
+    sequence_logprobs,
+    set_checkpointing,
+    token_logprobs,
+)
+
+
+def test_completion_mask_through_first_eos():
+    ids = torch.tensor([[5, 0, 7, 0], [5, 6, 7, 8], [1, 5, 2, 0]])
+    # EOS ids {0, 2}: row 0 ends at index 1, row 1 has none (all kept), row 2 ends at its first EOS (2 at index 2)
+    assert completion_mask(ids, [0, 2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+def test_eos_ids_from_generation_config_and_tokenizer(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.generation_config.eos_token_id = [7, 3]  # Qwen declares two EOS ids
+    assert eos_token_ids(model, tokenizer) == [0, 3, 7]  # plus the tokenizer's <|endoftext|> = 0
+
+
+def test_token_logprobs_hand_worked():
+    # logits = h · Wᵀ = [0, ln 2, 0] → softmax [1/4, 1/2, 1/4] → log p(token 1) = ln 0.5, log p(token 0) = ln 0.25
+    hidden = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # [1, 2, 2]
+    weight = torch.tensor([[0.0, 0.0], [math.log(2.0), 0.0], [0.0, 0.0]])  # [3, 2]
+    logp = token_logprobs(hidden, weight, torch.tensor([[1, 0]]))
+    assert logp.tolist()[0] == pytest.approx([math.log(0.5), math.log(0.25)])
+
+
+def test_token_logprobs_match_plain_formula_and_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (5, 7))
+    plain = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ours = token_logprobs(hidden, weight, targets, chunk_rows=2)  # 3 chunks: 2 + 2 + 1 rows
+    assert torch.allclose(ours, plain, atol=1e-5)
+    g_plain = torch.autograd.grad(plain.sum(), (hidden, weight))
+    g_ours = torch.autograd.grad(ours.sum(), (hidden, weight))
+    for a, b in zip(g_ours, g_plain):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_position_ids_skip_left_padding():
+    assert position_ids(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]
+
+
+def _policy_in_training_setup(path):
+    """The policy as the training loop holds it: train mode, gradient checkpointing on."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    set_checkpointing(model, True)
+    model.train()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def test_samples_are_conditioned_on_the_prompt(tiny_model_dir):
+    """The sampler's log-probs equal a teacher-forced forward of the whole sequence (prompt included).
+
+    Had sampling run the checkpointed decoder in train mode, the decoder layers would drop the KV cache
+    while ``generate`` feeds one token per step: each step would see only its last token, and its
+    log-probs would differ from the full-context ones by far more than rounding.
+    """
+    model, tokenizer = _policy_in_training_setup(tiny_model_dir)
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, PROMPTS, 2, 24, temperature=1.0, record_logprobs=True)
+    assert model.training and is_checkpointing(model)  # the training state is restored afterwards
+    mask = rollout.completion_mask.bool()
+    with torch.no_grad():
+        model.eval()
+        teacher = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+    gap = (teacher - rollout.sample_logprobs)[mask].abs().max().item()
+    assert gap < 1e-4, f"sampled log-probs differ from the full-context forward by {gap}"
+
+
+def test_sampled_logprobs_recomputed_consistently(tiny_model_dir):
+    """Sampled rollouts: the policy's teacher-forced log-probs are finite and mask the tail after EOS."""
+    model, tokenizer = _policy_in_training_setup(tiny_model_dir)
+    torch.manual_seed(1)
+    rollout = generate_rollout(model, tokenizer, PROMPTS, 3, 12, temperature=1.0)
+    assert rollout.input_ids.shape[0] == 6 and rollout.completion_mask.shape[0] == 6
+    assert len(rollout.completions) == 6
+    logp = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, chunk_rows=4)
+    assert logp.shape == rollout.completion_mask.shape
+    assert torch.isfinite(logp).all() and (logp <= 0).all()
