@@ -222,11 +222,14 @@ class GSM8KDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        # On resume the loops are restored before this is called: continue after the last completed step.
-        start = trainer.fit_loop.epoch_loop.batch_progress.total.completed if trainer is not None else 0
+        # On resume the loops are restored before this is called: continue after the last step whose
+        # training_step finished ("processed"; "completed" lags by one when saved in on_train_batch_end).
+        start = trainer.fit_loop.epoch_loop.batch_progress.total.processed if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         stream = PromptStream(self.train_records, self.hparams.batch_size, self.hparams.seed, start, rank, world)
-        return DataLoader(stream, batch_size=None)
+        # A private generator: creating the loader's iterator would otherwise draw from the global one,
+        # shifting the sampling randomness of a resumed run by one draw.
+        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.eval_records, batch_size=self.hparams.eval_batch_size, collate_fn=collate)

@@ -25,9 +25,12 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a local directory or a hub id, with one clear error if neither."""
+    """A causal LM and its tokenizer from a local directory, a hub id or ``builtin:NAME``; one clear error if none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from grpo_lightning.tiny import resolve_model_path
+
+    name_or_path = resolve_model_path(name_or_path)  # builtin:NAME → the packaged model's directory
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():

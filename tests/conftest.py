@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models on a busy 2-core machine run many times faster on one intra-op thread than on two.
+torch.set_num_threads(1)
+
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
 TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
 
@@ -21,9 +24,11 @@ def build_tiny_model(out: Path, texts: list[str], seed: int = 0) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=200, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    bpe.train_from_iterator(texts + TAGS * 50, trainer)
+    bpe.train_from_iterator(texts, trainer)
+    # the tags as whole tokens: even an untrained model then emits them now and then, so rewards vary
+    bpe.add_tokens(TAGS)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     torch.manual_seed(seed)
     config = Qwen2Config(

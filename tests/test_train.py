@@ -1,0 +1,106 @@
+"""End to end on CPU through the CLI: training changes the policy, logs, exports, and resumes exactly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo_lightning.cli import run
+
+
+def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **model: object) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 6,
+            "default_root_dir": str(tmp_path / name),
+            "enable_model_summary": False,
+            "enable_progress_bar": False,
+        },
+        "model": {
+            "model_name_or_path": str(model_dir),
+            "num_generations": 4,
+            "max_new_tokens": 12,
+            "mu": 2,
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
+            "log_samples_every_n_steps": 1,
+            **model,
+        },
+        "data": {"source": str(data_dir), "batch_size": 2, "eval_size": 4, "eval_batch_size": 4},
+        "checkpoint": {"dirpath": str(tmp_path / name / "ckpt"), "every_n_train_steps": 1},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def scalars(log_dir: Path) -> dict:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_fit_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir):
+    cli = run(["fit", "--config", str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "e2e"))])
+    module, trainer = cli.model, cli.trainer
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+
+    assert trainer.global_step == 6  # 3 rollout steps × μ = 2 optimizer steps
+    policy, reference = module.policy.state_dict(), module.reference.state_dict()
+    assert any(not torch.equal(policy[k], initial[k]) for k in initial)  # the policy learned something
+    assert all(torch.equal(reference[k], initial[k]) for k in initial)  # the reference stayed frozen
+
+    log_dir = Path(trainer.log_dir)
+    logged = scalars(log_dir)
+    assert len(logged["reward"]) == 3 and len(logged["kl"]) == 3  # one point per rollout step
+    for tag in ("reward/std", "reward/correctness", "reward/format", "clip_fraction", "loss", "lr",
+                "completion/length_mean", "completion/truncated_fraction", "eval/accuracy_before",
+                "eval/accuracy_after", "eval/improvement"):
+        assert tag in logged, tag
+    assert len((log_dir / "eval_before.jsonl").read_text().splitlines()) == 4
+
+    exported = log_dir / "hf_model"
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = tokenizer(["Natalia sold clips"], return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert all(torch.equal(model.state_dict()[k], policy[k]) for k in initial)
+
+
+def test_resume_is_bit_identical(tmp_path, tiny_model_dir, gsm8k_dir):
+    def fit(name: str, max_steps: int, ckpt_path: str | None = None, config_name: str | None = None) -> object:
+        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, config_name or name, mu=1)
+        args = ["fit", "--config", str(config), "--trainer.max_steps", str(max_steps), "--export.export_dir", str(tmp_path / name / "out")]
+        return run(args + (["--ckpt_path", ckpt_path] if ckpt_path else []))
+
+    full = fit("full", 4)
+    fit("part", 2)
+    resumed = fit("resumed", 4, ckpt_path="last", config_name="part")  # same checkpoint directory
+    assert resumed.trainer.global_step == 4
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    largest = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert largest == 0.0, f"resumed run differs from the uninterrupted one by up to {largest}"
+
+
+def test_new_run_refuses_existing_checkpoints(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "twice"))
+    run(["fit", "--config", config, "--trainer.max_steps", "2", "--eval.before", "false", "--eval.after", "false"])
+    with pytest.raises(FileExistsError, match="already holds checkpoints: resume with --ckpt_path last"):
+        run(["fit", "--config", config, "--trainer.max_steps", "2"])
+
+
+def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "errors"))
+    with pytest.raises(FileNotFoundError, match="model path ./no/such/model does not exist"):
+        run(["fit", "--config", config, "--model.model_name_or_path", "./no/such/model"])
+    with pytest.raises(ValueError, match=r"rows_per_generate \(6\) must be a positive multiple of num_generations \(4\)"):
+        run(["fit", "--config", config, "--model.rows_per_generate", "6"])
+    with pytest.raises(ValueError, match="must be a multiple of model.mu"):
+        run(["fit", "--config", config, "--trainer.max_steps", "5"])
+    with pytest.raises(FileNotFoundError, match="data source ./missing.jsonl does not exist"):
+        run(["fit", "--config", config, "--data.source", "./missing.jsonl"])
