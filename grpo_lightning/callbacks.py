@@ -1,4 +1,4 @@
-"""Callbacks: GSM8K accuracy before and after training, and export in Hugging Face format."""
+"""Callbacks: GSM8K accuracy before and after training, export in Hugging Face format, a progress bar."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics.classification import BinaryAccuracy
 from tqdm.auto import tqdm
@@ -118,3 +119,18 @@ class HFExport(L.Callback):
         module.policy.save_pretrained(self.path)
         module.tokenizer.save_pretrained(self.path)
         rank_zero_info(f"Saved the fine-tuned model and tokenizer to {self.path}")
+
+
+class GRPOProgressBar(TQDMProgressBar):
+    """Counts rollout steps, not optimizer steps: ``max_steps`` holds μ optimizer steps per rollout step."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_steps > 0:
+            return (trainer.max_steps - trainer.global_step) // trainer.lightning_module.hparams.mu
+        return super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("GRPO steps")
