@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from grpo_lightning.callbacks import AccuracyCallback, GRPOProgressBar, HFExport
 from grpo_lightning.data import GSM8KDataModule
 from grpo_lightning.module import GRPOModule
+
+
+# Two Lightning warnings that describe this design, not a mistake: the frozen reference sits in eval mode on
+# purpose, and checkpoints hold the state after the step's updates, which is what resuming needs.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
 class GRPOCLI(LightningCLI):

@@ -104,3 +104,33 @@ def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
         run(["fit", "--config", config, "--trainer.max_steps", "5"])
     with pytest.raises(FileNotFoundError, match="data source ./missing.jsonl does not exist"):
         run(["fit", "--config", config, "--data.source", "./missing.jsonl"])
+
+
+def test_validate_measures_accuracy_of_an_exported_model(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "validate"))
+    cli = run(["validate", "--config", config, "--model.model_name_or_path", str(tiny_model_dir)])
+    accuracy = cli.trainer.callback_metrics["val/accuracy"].item()
+    rows = [yaml.safe_load(line) for line in (Path(cli.trainer.log_dir) / "validate_examples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and set(rows[0]) == {"prompt", "expected", "extracted", "completion", "correct"}
+    assert accuracy == sum(r["correct"] for r in rows) / 4
+
+
+def test_beta_zero_has_no_reference_and_trains(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "beta0", beta=0.0, mu=1))
+    cli = run(["fit", "--config", config, "--trainer.max_steps", "2", "--eval.before", "false", "--eval.after", "false"])
+    assert cli.model.reference is None and cli.trainer.global_step == 2
+    assert not any(k.startswith("reference.") for k in cli.model.state_dict())
+
+
+def test_reference_refresh_every_n_steps(tiny_model_dir):
+    from grpo_lightning.module import GRPOModule
+
+    module = GRPOModule(str(tiny_model_dir), num_generations=2, ref_update_every=2)
+    with torch.no_grad():
+        next(module.policy.parameters()).add_(1.0)
+    policy_first = next(module.policy.parameters())
+    module._refresh_reference(step=1)  # not a multiple of 2: the reference keeps the initial weights
+    assert not torch.equal(next(module.reference.parameters()), policy_first)
+    module._refresh_reference(step=2)
+    assert torch.equal(next(module.reference.parameters()), policy_first)
+    assert not next(module.reference.parameters()).requires_grad
