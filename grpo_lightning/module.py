@@ -67,6 +67,10 @@ class GRPOModule(L.LightningModule):
         rows_per_generate: Rows per ``generate`` call while sampling; ``None`` for all B*G at once.
         rows_per_update: Rows per forward/backward in an update (gradient accumulation); ``None`` for all.
         logprob_chunk_rows: Rows passed through the LM head at a time when computing log-probs.
+        logprob_recompute: Recompute each chunk's logits in the backward pass instead of keeping them
+            (saves [rows, C, vocab] floats of memory, costs one more LM-head matmul).
+        share_prompt: Read each prompt once for its G samples (sampling and log-prob passes) via a repeated
+            KV cache; the training pass falls back to full sequences while gradient checkpointing is on.
         generation_kwargs: Extra ``generate`` arguments for rollouts (e.g. ``top_k: 0``).
         eval_max_new_tokens: Longest completion during evaluation; ``None`` for ``max_new_tokens``.
         eval_generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
@@ -93,6 +97,8 @@ class GRPOModule(L.LightningModule):
         rows_per_generate: int | None = None,
         rows_per_update: int | None = None,
         logprob_chunk_rows: int = 4,
+        logprob_recompute: bool = True,
+        share_prompt: bool = True,
         generation_kwargs: dict[str, Any] | None = None,
         eval_max_new_tokens: int | None = None,
         eval_generation_kwargs: dict[str, Any] | None = None,
@@ -169,8 +175,10 @@ class GRPOModule(L.LightningModule):
     # --- one GRPO step -------------------------------------------------------------------------------
 
     def _logprobs(self, model: Any, rollout: Rollout, rows: slice = slice(None)) -> torch.Tensor:
+        hp = self.hparams
         return sequence_logprobs(
-            model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_length, self.hparams.logprob_chunk_rows
+            model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_length,
+            hp.logprob_chunk_rows, group=hp.num_generations if hp.share_prompt else 1, recompute=hp.logprob_recompute,
         )
 
     def _refresh_reference(self, step: int) -> None:
@@ -188,7 +196,7 @@ class GRPOModule(L.LightningModule):
         clock = time.perf_counter()
         rollout = generate_rollout(
             self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens,
-            hp.temperature, hp.rows_per_generate, hp.generation_kwargs,
+            hp.temperature, hp.rows_per_generate, hp.generation_kwargs, share_prompt=hp.share_prompt,
         )
         self.timings = {"sampling": time.perf_counter() - clock}
 

@@ -63,18 +63,20 @@ def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets
 
 
 def token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 4, bias: Tensor | None = None
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 4, bias: Tensor | None = None,
+    recompute: bool = True,
 ) -> Tensor:
     """log p(target) for each position, passing ``chunk_rows`` rows at a time through the LM head.
 
     hidden: [N, C, H] hidden states that predict ``targets`` [N, C]; weight: [V, H]. Returns [N, C] float32.
-    Only one chunk's [chunk_rows, C, V] logits exist at a time; under autograd each chunk is checkpointed,
-    so the backward pass recomputes its logits instead of keeping all N rows' logits alive.
+    Only one chunk's [chunk_rows, C, V] logits exist at a time. Under autograd with ``recompute`` each
+    chunk is checkpointed: the backward pass recomputes its logits (one more LM-head matmul) instead of
+    keeping all N rows' logits alive; without it the logits stay for the backward pass, which is faster.
     """
     out = []
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             out.append(checkpoint(_chunk_logprobs, h, weight, bias, t, use_reentrant=False))
         else:
             out.append(_chunk_logprobs(h, weight, bias, t))
@@ -86,18 +88,49 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 4) -> Tensor:
+def shared_prompt_cache(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, repeats: int) -> tuple[Tensor, Any]:
+    """Run the decoder once over B distinct prompts [B, L]; repeat the KV cache for their ``repeats`` samples.
+
+    Returns the prompts' last hidden states [B, L, H] and a cache of B * repeats rows.
+    """
+    out = model.base_model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask), use_cache=True
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(repeats)
+    return out.last_hidden_state, cache
+
+
+def _can_share_prompt(model: Any, group: int) -> bool:
+    # Checkpointed layers in train mode drop any cache handed to them: the shared prompt would be lost.
+    return group > 1 and not (model.training and is_checkpointing(model))
+
+
+def sequence_logprobs(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 4, group: int = 1,
+    recompute: bool = True,
+) -> Tensor:
     """Per-token log-probs of the completion positions of ``input_ids`` under ``model``: [N, P + C] → [N, C].
 
-    The decoder runs once over the whole sequence; only the C completion positions go through the LM head.
+    ``group`` = G when each run of G rows shares one prompt: the decoder then reads each prompt once and the
+    completions attend to its repeated KV cache (exact up to float rounding). Only the C completion
+    positions go through the LM head.
     """
-    backbone = model.base_model
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-    ).last_hidden_state  # [N, P + C, H]
+    P, backbone = prompt_length, model.base_model
+    positions = position_ids(attention_mask)
+    if _can_share_prompt(model, group):
+        prompt_hidden, cache = shared_prompt_cache(model, input_ids[::group, :P], attention_mask[::group, :P], group)
+        completion_hidden = backbone(
+            input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # [N, C, H]
+        # the last prompt position predicts the first completion token
+        hidden = torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, dim=0), completion_hidden[:, :-1]], dim=1)
+    else:
+        full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        hidden = full.last_hidden_state[:, P - 1 : -1]  # [N, C, H]: the state at t predicts token t + 1
     head = model.get_output_embeddings()
-    # the hidden state at position t predicts token t + 1
-    return token_logprobs(hidden[:, prompt_length - 1 : -1], head.weight, input_ids[:, prompt_length:], chunk_rows, head.bias)
+    return token_logprobs(hidden, head.weight, input_ids[:, P:], chunk_rows, head.bias, recompute)
 
 
 def is_checkpointing(model: Any) -> bool:
@@ -146,6 +179,7 @@ def generate_rollout(
     rows_per_call: int | None = None,
     generation_kwargs: dict | None = None,
     record_logprobs: bool = False,
+    share_prompt: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each prompt with ``generate`` (KV cache on, eval mode).
 
@@ -153,6 +187,7 @@ def generate_rollout(
     model's generation config (e.g. ``{"do_sample": False}``, ``{"top_k": 0}``, ``{"min_new_tokens": 64}``).
     ``record_logprobs`` keeps the log-prob of each sampled token from the sampler's own (raw) logits; it
     holds [rows, C, V] logits per call, so it is meant for checks, not for training at full vocabulary size.
+    ``share_prompt`` prefills each prompt once and repeats its KV cache for its G samples.
     """
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
@@ -168,9 +203,17 @@ def generate_rollout(
     pieces, logprob_pieces = [], []
     with sampling_mode(model):
         for start in range(0, N, rows):
+            ids, attn = prompt_ids[start : start + rows], prompt_mask[start : start + rows]
+            extra = {}
+            if share_prompt and P > 1 and _can_share_prompt(model, num_generations):
+                # prefill all but the last prompt token once per prompt; generate reads the rest from the cache
+                extra["past_key_values"] = shared_prompt_cache(
+                    model, ids[::num_generations, :-1], attn[::num_generations, :-1], num_generations
+                )[1]
             out = model.generate(
-                input_ids=prompt_ids[start : start + rows],
-                attention_mask=prompt_mask[start : start + rows],
+                input_ids=ids,
+                attention_mask=attn,
+                **extra,
                 eos_token_id=eos_ids,
                 pad_token_id=pad_id,
                 use_cache=True,

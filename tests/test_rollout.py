@@ -45,12 +45,13 @@ def test_token_logprobs_match_plain_formula_and_gradients():
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (5, 7))
     plain = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    ours = token_logprobs(hidden, weight, targets, chunk_rows=2)  # 3 chunks: 2 + 2 + 1 rows
-    assert torch.allclose(ours, plain, atol=1e-5)
-    g_plain = torch.autograd.grad(plain.sum(), (hidden, weight))
-    g_ours = torch.autograd.grad(ours.sum(), (hidden, weight))
-    for a, b in zip(g_ours, g_plain):
-        assert torch.allclose(a, b, atol=1e-5)
+    g_plain = torch.autograd.grad(plain.sum(), (hidden, weight), retain_graph=True)
+    for recompute in (True, False):
+        ours = token_logprobs(hidden, weight, targets, chunk_rows=2, recompute=recompute)  # chunks of 2 + 2 + 1 rows
+        assert torch.allclose(ours, plain, atol=1e-5)
+        g_ours = torch.autograd.grad(ours.sum(), (hidden, weight))
+        for a, b in zip(g_ours, g_plain):
+            assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_position_ids_skip_left_padding():
@@ -97,3 +98,31 @@ def test_sampled_logprobs_recomputed_consistently(tiny_model_dir):
     logp = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, chunk_rows=4)
     assert logp.shape == rollout.completion_mask.shape
     assert torch.isfinite(logp).all() and (logp <= 0).all()
+
+
+def test_shared_prompt_pass_equals_full_pass_with_gradients(tiny_model_dir):
+    """Reading each prompt once for its G completions gives the same log-probs and gradients as G full passes."""
+    model, tokenizer = _policy_in_training_setup(tiny_model_dir)
+    torch.manual_seed(2)
+    rollout = generate_rollout(model, tokenizer, PROMPTS, 3, 10)
+    set_checkpointing(model, False)  # the shared pass needs the cache that checkpointed layers drop
+    args = (model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+    results = []
+    for group in (1, 3):
+        model.zero_grad()
+        logp = sequence_logprobs(*args, chunk_rows=4, group=group)
+        (logp * rollout.completion_mask).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (shared, shared_grads) = results
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(full[mask], shared[mask], atol=1e-5)
+    for a, b in zip(full_grads, shared_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_shared_prompt_sampling_matches_plain_sampling(tiny_model_dir):
+    model, tokenizer = _policy_in_training_setup(tiny_model_dir)
+    greedy = {"do_sample": False}
+    plain = generate_rollout(model, tokenizer, PROMPTS, 2, 16, generation_kwargs=greedy, share_prompt=False)
+    shared = generate_rollout(model, tokenizer, PROMPTS, 2, 16, generation_kwargs=greedy, share_prompt=True)
+    assert torch.equal(plain.input_ids, shared.input_ids)
