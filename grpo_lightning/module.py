@@ -56,7 +56,7 @@ class GRPOModule(L.LightningModule):
         temperature: Sampling temperature of the rollouts.
         beta: Weight of the KL penalty against the reference; 0 drops the reference model entirely.
         clip_eps: Clipping range ε of the probability ratio.
-        mu: Optimizer steps on each rollout (μ); the old-policy pass is needed only when μ > 1.
+        mu: Optimizer steps on each rollout (μ); the old policy's log-probs come from the first one.
         ref_update_every: Copy the policy into the reference every N steps (the seed's outer iterations); 0 never.
         reset_optimizer_on_ref_update: Clear the optimizer state at each reference refresh, as the seed does.
         optimizer: Optimizer factory; default Adam with lr 5e-6, the seed's.
@@ -206,16 +206,15 @@ class GRPOModule(L.LightningModule):
         advantages = group_advantages(rewards, hp.num_generations)
         mask = rollout.completion_mask
 
+        clock = time.perf_counter()
         with torch.no_grad():
-            clock = time.perf_counter()
             ref_logp = self._logprobs(self.reference, rollout) if self.reference is not None else None
-            self.timings["reference"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            old_logp = self._logprobs(self.policy, rollout) if hp.mu > 1 else None  # μ = 1: ratio is 1
-            self.timings["old_policy"] = time.perf_counter() - clock
+        self.timings["reference"] = time.perf_counter() - clock
+        # The old policy's log-probs need no pass of their own: they are the first update's, detached.
+        self.timings["old_policy"] = 0.0
 
         clock = time.perf_counter()
-        stats = self._update(rollout, old_logp, ref_logp, advantages, mask)
+        stats = self._update(rollout, ref_logp, advantages, mask)
         self.timings["update"] = time.perf_counter() - clock
 
         lengths = mask.sum(dim=1).float()
@@ -236,21 +235,28 @@ class GRPOModule(L.LightningModule):
         )
         self._log_samples(step, batch, rollout, scores["total"])
 
-    def _update(self, rollout: Rollout, old_logp: Any, ref_logp: Any, advantages: torch.Tensor, mask: torch.Tensor) -> dict:
-        """μ optimizer steps on one rollout; rows are processed ``rows_per_update`` at a time."""
+    def _update(self, rollout: Rollout, ref_logp: Any, advantages: torch.Tensor, mask: torch.Tensor) -> dict:
+        """μ optimizer steps on one rollout; rows are processed ``rows_per_update`` at a time.
+
+        The first update runs on the weights that sampled the rollout, so its log-probs, detached, are the
+        old policy's: later updates take their ratio against them (at μ = 1 the ratio is exactly 1).
+        """
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         N = advantages.shape[0]
         per = hp.rows_per_update or N
+        old_logp = torch.zeros(mask.shape, device=self.device) if hp.mu > 1 else None  # [N, C]
         totals: dict[str, torch.Tensor] = {}
-        for _ in range(hp.mu):
+        for update in range(hp.mu):
             optimizer.zero_grad()
             totals = {}
             for start in range(0, N, per):
                 rows = slice(start, start + per)
                 logp = self._logprobs(self.policy, rollout, rows)  # [rows, C]
+                if update == 0 and old_logp is not None:
+                    old_logp[rows] = logp.detach()
                 loss, stats = grpo_loss(
-                    logp, None if old_logp is None else old_logp[rows], None if ref_logp is None else ref_logp[rows],
+                    logp, None if update == 0 else old_logp[rows], None if ref_logp is None else ref_logp[rows],
                     advantages[rows], mask[rows], hp.clip_eps, hp.beta,
                 )
                 weight = logp.shape[0] / N  # the loss is a mean over rows: accumulate row-weighted parts

@@ -126,3 +126,16 @@ def test_shared_prompt_sampling_matches_plain_sampling(tiny_model_dir):
     plain = generate_rollout(model, tokenizer, PROMPTS, 2, 16, generation_kwargs=greedy, share_prompt=False)
     shared = generate_rollout(model, tokenizer, PROMPTS, 2, 16, generation_kwargs=greedy, share_prompt=True)
     assert torch.equal(plain.input_ids, shared.input_ids)
+
+
+def test_first_update_logprobs_are_the_old_policys(tiny_model_dir):
+    """μ > 1 takes the old policy's log-probs from the first update's forward, detached: the same numbers
+    as a separate no-grad pass over the same weights (which is what the seed computes)."""
+    model, tokenizer = _policy_in_training_setup(tiny_model_dir)
+    rollout = generate_rollout(model, tokenizer, PROMPTS, 2, 10)
+    args = (model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+    with torch.no_grad():
+        old = sequence_logprobs(*args)
+    with_grad = sequence_logprobs(*args)
+    assert with_grad.requires_grad
+    assert torch.allclose(with_grad.detach(), old, atol=1e-6)
