@@ -27,14 +27,10 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
-class GRPOCLI(LightningCLI):
+class ThreadsCLI(LightningCLI):
+    """LightningCLI with a top-level ``torch_threads`` option, applied before models are built."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Always-on callbacks, configured as top-level sections of the YAML.
-        parser.add_lightning_class_args(AccuracyCallback, "eval")
-        parser.add_lightning_class_args(HFExport, "export")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.add_argument(
             "--torch_threads", type=Optional[int], default=None,
             help="PyTorch intra-op CPU threads (torch.set_num_threads); tiny models sample fastest on 1",
@@ -47,6 +43,17 @@ class GRPOCLI(LightningCLI):
             if threads < 1:
                 raise ValueError(f"torch_threads must be at least 1, got {threads}")
             torch.set_num_threads(threads)
+
+
+class GRPOCLI(ThreadsCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        # Always-on callbacks, configured as top-level sections of the YAML.
+        parser.add_lightning_class_args(AccuracyCallback, "eval")
+        parser.add_lightning_class_args(HFExport, "export")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with a progress bar that counts rollout steps unless the config brings its own or none."""

@@ -19,7 +19,6 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-import lightning as L
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -125,23 +124,6 @@ def resolve_model_path(name: str) -> str:
     if model not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {model!r}; built-in models are {('tiny-init',) + BUILTIN_MODELS}")
     return str(resources.files("grpo_lightning") / "assets" / model)
-
-
-class TorchThreads(L.Callback):
-    """Set PyTorch's intra-op thread count when a run starts (configs: ``trainer.callbacks``).
-
-    Sampling from a model this small is a long series of tiny matrix products; on a laptop whose cores
-    are busy, waking several threads for each costs more than it saves (measured in the README).
-
-    Args:
-        num_threads: Threads for intra-op parallelism.
-    """
-
-    def __init__(self, num_threads: int = 1):
-        self.num_threads = num_threads
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        torch.set_num_threads(self.num_threads)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,68 @@
+"""The tiny offline model: deterministic build, loads with the Auto classes, tags cheap, EOS/PAD set."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo_lightning.tiny import TAGS, build, resolve_model_path
+
+COMPLETION = "<reasoning>\n15 - 1 = 14\n</reasoning>\n<answer>\n14\n</answer>"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
+def test_build_is_deterministic(built, tmp_path):
+    assert _digest(build(tmp_path / "again", seed=0)) == _digest(built)
+
+
+def test_loads_with_auto_classes(built):
+    model = AutoModelForCausalLM.from_pretrained(built)
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    assert model.config.model_type == "qwen2"
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert len(tokenizer) <= model.config.vocab_size
+
+
+def test_tags_are_single_tokens_and_survive_decoding(built):
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    for tag in TAGS:
+        assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1
+    ids = tokenizer(COMPLETION, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # The rewards read decoded text: the tags must stay, the EOS must go.
+    assert tokenizer.decode(ids, skip_special_tokens=True) == COMPLETION
+    # Hand count: 4 tags, 5 "\n" tokens, "1","5"," -"," ","1"," ="," ","1","4" and "1","4" → 20 tokens.
+    assert len(ids) == 21
+
+
+def test_any_text_round_trips(built):
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    text = "Weng earns $12 an hour; 50 minutes → 0.2 × 50 = 10. Ünïcode"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_generates_and_stops_at_eos(built):
+    model = AutoModelForCausalLM.from_pretrained(built).eval()
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    batch = tokenizer(["Ana has 3 cups.", "Ben"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 5
+
+
+def test_resolve_model_path():
+    assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert resolve_model_path("builtin:tiny-arithmetic").endswith(str(Path("assets") / "tiny-arithmetic"))
+    with pytest.raises(ValueError, match="tiny-nope"):
+        resolve_model_path("builtin:tiny-nope")
