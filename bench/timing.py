@@ -63,7 +63,7 @@ def peak_rss_mib() -> float:
 def summarise(steps: list[dict[str, float]], warmup: int = 1) -> dict[str, float]:
     """Medians over the measured steps (all of them when there are too few to drop the warm-up)."""
     measured = steps[warmup:] if len(steps) > warmup else steps
-    keys = ("wall",) + PHASES
+    keys = ("wall", "cpu") + PHASES
     return {k: statistics.median(s.get(k, 0.0) for s in measured) for k in keys}
 
 

@@ -56,7 +56,7 @@ class AccuracyCallback(L.Callback):
         metric = BinaryAccuracy().to(module.device)
         rows: list[dict] = []
         loader = datamodule.val_dataloader()
-        for batch in tqdm(loader, desc=f"GSM8K accuracy {stage} training", disable=not trainer.is_global_zero):
+        for batch in tqdm(loader, desc=f"Accuracy {stage} training", disable=not trainer.is_global_zero):
             batch_rows = module.evaluate_batch(batch)
             correct = torch.tensor([r["correct"] for r in batch_rows], device=module.device)
             metric.update(correct, torch.ones_like(correct))
@@ -76,14 +76,14 @@ class AccuracyCallback(L.Callback):
             return
         self.accuracy_before = self.evaluate(trainer, module, "before")
         self._log(trainer, {"eval/accuracy_before": self.accuracy_before})
-        rank_zero_info(f"GSM8K accuracy before training: {self.accuracy_before:.2%}")
+        rank_zero_info(f"Accuracy on the evaluation set before training: {self.accuracy_before:.2%}")
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         if not self.after:
             return
         self.accuracy_after = self.evaluate(trainer, module, "after")
         metrics = {"eval/accuracy_after": self.accuracy_after}
-        message = f"GSM8K accuracy after training: {self.accuracy_after:.2%}"
+        message = f"Accuracy on the evaluation set after training: {self.accuracy_after:.2%}"
         if self.accuracy_before is not None:
             metrics["eval/improvement"] = self.accuracy_after - self.accuracy_before
             message += f" (before {self.accuracy_before:.2%}, change {metrics['eval/improvement']:+.2%})"
