@@ -1,0 +1,157 @@
+"""grpo-lightning side of the benchmark: ``GRPOModule`` under a Lightning ``Trainer`` on the shared workload.
+
+Run in its own process (``bench/run.py`` does that) so its peak RSS is its own:
+
+    python -m bench.ours_side --setting a --steps 4
+
+Phase times come from the module itself: ``training_step`` leaves ``timings`` (sampling, reference,
+old_policy, update seconds of that step). A callback clocks each whole step; "other" is the wall time
+the phases do not cover (rewards, advantages, logging, Lightning's loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # allow `python bench/ours_side.py` as well as `python -m bench.ours_side`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import workload
+from bench.timing import emit, peak_rss_mib, summarise
+
+
+def prompt_batches(prompts: int, steps: int) -> list[dict[str, list]]:
+    """The TRL side's prompts in the TRL side's order: batch k holds records [k*P, (k+1)*P)."""
+    rows = workload.load_prompts(prompts * (steps + 1))
+    batches = [rows[i : i + prompts] for i in range(0, len(rows) - prompts + 1, prompts)]
+    # GRPOModule reads "prompt" and "expected" lists from each batch.
+    return [{"prompt": [r["prompt"] for r in b], "expected": [r["answer"] for r in b]} for b in batches]
+
+
+def parse_module_args(pairs: list[str]) -> dict:
+    """``key=value`` pairs for extra GRPOModule arguments; values are JSON where they parse (1, true, null)."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+ADAM_IMPL = {"default": {}, "fused": {"fused": True}, "loop": {"foreach": False}}
+
+
+def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_chunk_rows: int, extra: dict,
+          adam: str = "default"):
+    import torch
+
+    from grpo_lightning.module import GRPOModule
+
+    N = setting["new_tokens"]
+    return GRPOModule(
+        model_name_or_path=str(model_dir),
+        dtype="float32",
+        num_generations=setting["generations"],
+        max_new_tokens=N,
+        temperature=workload.TEMPERATURE,
+        beta=setting["beta"],
+        clip_eps=workload.CLIP_EPS,
+        mu=setting["mu"],
+        # Same Adam maths whatever the kernel; "fused" and "loop" avoid foreach's model-sized temporaries.
+        optimizer=lambda params: torch.optim.Adam(params, lr=workload.LR, **ADAM_IMPL[adam]),
+        grad_clip=workload.GRAD_CLIP,
+        gradient_checkpointing=gradient_checkpointing,
+        logprob_chunk_rows=logprob_chunk_rows,
+        # Forced full length, and plain temperature sampling like TRL's (top_k 0 switches off the
+        # transformers default of top-k 50).
+        generation_kwargs={"min_new_tokens": N, "top_k": 0, "top_p": 1.0},
+        log_samples_every_n_steps=0,
+        **extra,  # toggles measured one at a time, e.g. rows_per_update=4
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(workload.SETTINGS), default="a")
+    parser.add_argument("--steps", type=int, default=4, help="GRPO steps; the first is warm-up")
+    parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="off")
+    parser.add_argument("--logprob-chunk-rows", type=int, default=4)
+    parser.add_argument("--adam", choices=sorted(ADAM_IMPL), default="default",
+                        help="Adam kernel: torch's default (foreach), fused, or a per-tensor loop")
+    parser.add_argument("--module-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra GRPOModule argument, repeatable (measure one optimisation at a time)")
+    parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    setting = workload.SETTINGS[args.setting]
+    model_dir = workload.prepare_model_dir(args.cache_dir)
+    L.seed_everything(0, verbose=False)
+    t0 = time.perf_counter()
+    module_args = parse_module_args(args.module_arg)
+    module = build(model_dir, setting, args.gradient_checkpointing == "on", args.logprob_chunk_rows, module_args, args.adam)
+    load_s, rss_loaded = time.perf_counter() - t0, peak_rss_mib()
+    steps: list[dict] = []
+    lengths: list[int] = []
+
+    class StepClock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.start, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            wall = time.perf_counter() - self.start
+            phases = {k: float(pl_module.timings.get(k, 0.0)) for k in ("sampling", "reference", "old_policy", "update")}
+            cpu = time.process_time() - self.cpu
+            steps.append({"wall": wall, "cpu": cpu, **phases, "other": wall - sum(phases.values())})
+            metric = trainer.callback_metrics.get("completion/length_max")
+            if metric is not None:
+                lengths.append(int(trainer.callback_metrics["completion/length_mean"].item()))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=args.steps * setting["mu"],  # Lightning counts optimizer steps: μ per GRPO step
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[StepClock()],
+    )
+    loader = DataLoader(prompt_batches(setting["prompts"], args.steps), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    emit(
+        {
+            "framework": "grpo-lightning",
+            "setting": args.setting,
+            "config": setting,
+            "gradient_checkpointing": args.gradient_checkpointing == "on",
+            "module_args": module_args,
+            "adam": args.adam,
+            "threads": torch.get_num_threads(),
+            "steps": steps,
+            "median": summarise(steps),
+            "peak_rss_mib": peak_rss_mib(),
+            "rss_after_load_mib": rss_loaded,
+            "load_s": load_s,
+            # Mean completion length per step; equal to new_tokens when sampling ran to full length.
+            "min_completion_length": min(lengths) if lengths else None,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""TRL side of the benchmark: TRL's GRPOTrainer on the shared workload, one setting, a few GRPO steps.
+
+Run in its own process (``bench/run.py`` does that) so its peak RSS is its own:
+
+    python -m bench.trl_side --setting a --steps 4
+
+How the phases are measured (TRL exposes no per-phase timings, so bound methods of the trainer
+instance are wrapped with timers; nothing in TRL is modified):
+- sampling: ``_generate`` (prompt tokenisation, ``model.generate``, decoding);
+- reference / old_policy: ``_get_per_token_logps_and_entropies`` called on the reference model /
+  on the policy without grad (TRL skips the old-policy pass by itself when μ = 1);
+- update: the rest of the optimizer step, i.e. wall − ``_prepare_inputs`` (policy forward with
+  grad, backward, clipping, Adam);
+- other: ``_prepare_inputs`` minus the three phases above (rewards, advantages, bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # allow `python bench/trl_side.py` as well as `python -m bench.trl_side`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import workload
+from bench.reward import trl_reward
+from bench.timing import PHASES, PhaseTimer, diff, emit, peak_rss_mib, summarise
+
+
+def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, gradient_checkpointing: bool):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    P, G, N, mu = setting["prompts"], setting["generations"], setting["new_tokens"], setting["mu"]
+    # One spare batch of prompts so the sampler never runs dry on the last step.
+    rows = workload.load_prompts(P * (steps + 1))
+    dataset = Dataset.from_list(rows)
+    config = GRPOConfig(
+        output_dir=out_dir,
+        use_cpu=True,
+        bf16=False,  # TRL defaults to bf16; the workload is fp32 on both sides
+        fp16=False,
+        model_init_kwargs={"dtype": torch.float32},
+        # One optimizer step consumes one whole rollout batch of P prompts x G completions.
+        per_device_train_batch_size=P * G,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=G,
+        num_iterations=mu,
+        max_completion_length=N,
+        # Forced full length: EOS is masked until N tokens exist, so both sides sample N tokens per row.
+        generation_kwargs={"min_new_tokens": N},
+        temperature=workload.TEMPERATURE,
+        beta=setting["beta"],
+        epsilon=workload.CLIP_EPS,
+        loss_type="grpo",  # the seed's per-sequence mean, then mean over sequences
+        learning_rate=workload.LR,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",  # with weight_decay 0 this is the seed's Adam
+        weight_decay=0.0,
+        max_grad_norm=workload.GRAD_CLIP,
+        gradient_checkpointing=gradient_checkpointing,
+        max_steps=steps * mu,
+        shuffle_dataset=False,  # the same prompts, in the same order, as the grpo-lightning side
+        disable_dropout=True,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10**6,
+        seed=0,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=trl_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+def instrument(trainer, timer: PhaseTimer, steps_out: list[dict], lengths: list[int]) -> None:
+    """Wrap the trainer's phases with timers; record per-optimizer-step totals and completion lengths."""
+    import torch
+    from transformers import TrainerCallback
+
+    def logps_phase(model, *args, **kwargs):
+        if model is trainer.ref_model:
+            return "reference"
+        # With grad on this is the update's own forward, charged to "update" through the wall clock.
+        return None if torch.is_grad_enabled() else "old_policy"
+
+    generate = trainer._generate
+
+    def generate_and_record(prompts):
+        result = generate(prompts)  # (prompt_ids, completion_ids, ...)
+        lengths.extend(len(ids) for ids in result[1])
+        return result
+
+    trainer._generate = timer.wrap(generate_and_record, lambda *a, **k: "sampling")
+    trainer._get_per_token_logps_and_entropies = timer.wrap(trainer._get_per_token_logps_and_entropies, logps_phase)
+    trainer._prepare_inputs = timer.wrap(trainer._prepare_inputs, lambda *a, **k: "rollout")
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start, self.cpu, self.before = time.perf_counter(), time.process_time(), timer.snapshot()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            wall = time.perf_counter() - self.start
+            d = diff(timer.snapshot(), self.before)
+            rollout = d.get("rollout", 0.0)
+            steps_out.append(
+                {
+                    "wall": wall,
+                    "cpu": time.process_time() - self.cpu,
+                    "sampling": d.get("sampling", 0.0),
+                    "reference": d.get("reference", 0.0),
+                    "old_policy": d.get("old_policy", 0.0),
+                    "update": wall - rollout,
+                    "other": rollout - d.get("sampling", 0.0) - d.get("reference", 0.0) - d.get("old_policy", 0.0),
+                }
+            )
+
+    trainer.add_callback(StepClock())
+
+
+def group_by_mu(opt_steps: list[dict], mu: int) -> list[dict]:
+    """Sum μ consecutive TRL optimizer steps into one GRPO step (one rollout batch + μ updates)."""
+    grouped = []
+    for i in range(0, len(opt_steps) - mu + 1, mu):
+        chunk = opt_steps[i : i + mu]
+        grouped.append({k: sum(s.get(k, 0.0) for s in chunk) for k in ("wall", "cpu") + PHASES})
+    return grouped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(workload.SETTINGS), default="a")
+    parser.add_argument("--steps", type=int, default=4, help="GRPO steps; the first is warm-up")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        choices=("on", "off"),
+        default="on",
+        help="TRL's GRPOConfig turns it on by default; 'off' measures TRL without it",
+    )
+    parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setting = workload.SETTINGS[args.setting]
+    model_dir = workload.prepare_model_dir(args.cache_dir)
+    timer, opt_steps, lengths = PhaseTimer(), [], []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = build_trainer(model_dir, setting, args.steps, out_dir, args.gradient_checkpointing == "on")
+        load_s, rss_loaded = time.perf_counter() - t0, peak_rss_mib()
+        instrument(trainer, timer, opt_steps, lengths)
+        trainer.train()
+    steps = group_by_mu(opt_steps, setting["mu"])
+    emit(
+        {
+            "framework": "trl",
+            "setting": args.setting,
+            "config": setting,
+            "gradient_checkpointing": args.gradient_checkpointing == "on",
+            "steps": steps,
+            "median": summarise(steps),
+            "peak_rss_mib": peak_rss_mib(),
+            "rss_after_load_mib": rss_loaded,
+            "load_s": load_s,
+            # Proof that sampling ran to full length on every row.
+            "min_completion_length": min(lengths) if lengths else None,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
