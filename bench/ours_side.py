@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setting", choices=sorted(workload.SETTINGS), default="a")
     parser.add_argument("--steps", type=int, default=4, help="GRPO steps; the first is warm-up")
     parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="off")
-    parser.add_argument("--logprob-chunk-rows", type=int, default=4)
-    parser.add_argument("--adam", choices=sorted(ADAM_IMPL), default="default",
-                        help="Adam kernel: torch's default (foreach), fused, or a per-tensor loop")
+    parser.add_argument("--logprob-chunk-rows", type=int, default=2)
+    parser.add_argument("--adam", choices=sorted(ADAM_IMPL), default="fused",
+                        help="Adam kernel: fused (the project default), torch's foreach default, or a per-tensor loop")
     parser.add_argument("--module-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra GRPOModule argument, repeatable (measure one optimisation at a time)")
     parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))

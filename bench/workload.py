@@ -17,21 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
+from grpo_lightning.data import build_prompt
+from grpo_lightning.rewards import extract_dataset_answer
+
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"
 # The repository sits beside a shared/ folder holding GSM8K; the data is read in place, never copied.
 DEFAULT_GSM8K = BENCH_DIR.parent.parent / "shared" / "gsm8k"
 
-SYSTEM_PROMPT = """
-Respond in the following format:
-
-<reasoning>
-...
-</reasoning>
-<answer>
-...
-</answer>
-"""
 
 # Qwen2's pre-tokenizer splits digits one by one (\p{N}), unlike the cl100k-style {1,3} default.
 QWEN2_PATTERN = (
@@ -125,18 +118,6 @@ def prepare_model_dir(cache_dir: Path | str = DEFAULT_CACHE, num_layers: int = 4
     return out
 
 
-def build_prompt(question: str) -> str:
-    """The seed's prompt: system prompt and question, each stripped, joined by one newline."""
-    return "\n".join([SYSTEM_PROMPT.strip(), question.strip()])
-
-
-def gsm8k_answer(text: str) -> str | None:
-    """The dataset answer: text after ``####``, stripped; None when there is no ``####``."""
-    if "####" not in text:
-        return None
-    return text.split("####")[1].strip()
-
-
 def load_prompts(n: int, gsm8k_dir: Path | str = DEFAULT_GSM8K, split: str = "train") -> list[dict]:
     """The first ``n`` GSM8K records as ``{"prompt", "answer"}`` dicts (deterministic across runs)."""
     records = []
@@ -145,7 +126,7 @@ def load_prompts(n: int, gsm8k_dir: Path | str = DEFAULT_GSM8K, split: str = "tr
             if len(records) == n:
                 break
             row = json.loads(line)
-            records.append({"prompt": build_prompt(row["question"]), "answer": gsm8k_answer(row["answer"])})
+            records.append({"prompt": build_prompt(row["question"]), "answer": extract_dataset_answer(row["answer"])})
     return records
 
 

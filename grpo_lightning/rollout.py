@@ -63,7 +63,7 @@ def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets
 
 
 def token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 4, bias: Tensor | None = None,
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 2, bias: Tensor | None = None,
     recompute: bool = True,
 ) -> Tensor:
     """log p(target) for each position, passing ``chunk_rows`` rows at a time through the LM head.
@@ -107,7 +107,7 @@ def _can_share_prompt(model: Any, group: int) -> bool:
 
 
 def sequence_logprobs(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 4, group: int = 1,
+    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 2, group: int = 1,
     recompute: bool = True,
 ) -> Tensor:
     """Per-token log-probs of the completion positions of ``input_ids`` under ``model``: [N, P + C] → [N, C].
@@ -153,17 +153,46 @@ def set_checkpointing(model: Any, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+class WeightMajorHead(torch.nn.Module):
+    """The LM head computed as W·xᵀ instead of x·Wᵀ, for decoding steps on the CPU.
+
+    A decoding step multiplies a few rows by the [V, H] head; reading the weight in its stored order makes
+    that about twice as fast on a CPU (measured: 45 vs 96 ms for 8 × 896 × 151,936 on 2 cores), and the
+    head dominates a step when the vocabulary is large. Same weight object, so ties are kept.
+    """
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [rows, H]
+        out = torch.mm(self.head.weight, flat.t()).t()  # [rows, V]
+        if self.head.bias is not None:
+            out = out + self.head.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 @contextmanager
 def sampling_mode(model: Any) -> Iterator[None]:
-    """Eval mode with checkpointing paused for the duration; the previous state is restored after."""
+    """Eval mode with checkpointing paused for the duration; the previous state is restored after.
+
+    On the CPU the LM head is swapped for :class:`WeightMajorHead` meanwhile.
+    """
     was_training, checkpointing = model.training, is_checkpointing(model)
+    head = model.get_output_embeddings()
+    swap_head = isinstance(head, torch.nn.Linear) and head.weight.device.type == "cpu"
     if checkpointing:
         set_checkpointing(model, False)
+    if swap_head:
+        model.set_output_embeddings(WeightMajorHead(head))
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
+        if swap_head:
+            model.set_output_embeddings(head)
         if checkpointing:
             set_checkpointing(model, True)
 

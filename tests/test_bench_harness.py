@@ -44,19 +44,8 @@ def test_table_reports_the_ratio():
     assert ratio_line.split()[3:] == ["0.40", "0.40", "0.50"]  # wall, cpu, peak RSS
 
 
-@pytest.mark.parametrize(
-    "completion, expected",
-    [
-        ("<reasoning>x</reasoning>\n<answer>\n72\n</answer>", "72"),  # exact: 2.0 + format 0.8
-        ("<answer>72.0</answer>", "72"),  # one number each, equal: 1.5
-        ("<answer>a</answer> then <answer> 5 apples </answer>", "5"),  # the last <answer> counts
-        ("<answer>...</answer>", "..."),  # the literal ... is no answer
-        ("no tags at all 72", "72"),
-        ("<answer>72</answer>", None),  # a record without #### has no answer
-    ],
-)
-def test_bench_reward_agrees_with_the_project_reward(completion, expected):
-    rewards = pytest.importorskip("grpo_lightning.rewards")
-    from bench.reward import combined_reward
+def test_trl_reward_signature():
+    from bench.reward import trl_reward
 
-    assert combined_reward(completion, expected) == pytest.approx(rewards.combined_reward(completion, expected))
+    # exact answer 2.0 + two tags 0.4; no tags at all 0.0
+    assert trl_reward(["p", "p"], ["<answer>72</answer>", "72"], ["72", "72"]) == pytest.approx([2.4, 0.0])

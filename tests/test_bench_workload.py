@@ -32,12 +32,11 @@ def test_special_tokens_and_pad_is_eos(tokenizer):
     assert len(tokenizer) <= workload.QWEN_05B_GEOMETRY["vocab_size"]
 
 
-def test_prompt_is_built_like_the_seed():
-    prompt = workload.build_prompt("  How many?\n")
-    assert prompt == workload.SYSTEM_PROMPT.strip() + "\nHow many?"
-    assert prompt.startswith("Respond in the following format:")
-    assert workload.gsm8k_answer("2 + 2 = 4\n#### 4 ") == "4"
-    assert workload.gsm8k_answer("no marker") is None
+def test_prompts_are_real_gsm8k_built_like_the_seed():
+    first = workload.load_prompts(1)[0]
+    assert first["prompt"].startswith("Respond in the following format:\n\n<reasoning>")
+    assert first["prompt"].endswith("How many clips did Natalia sell altogether in April and May?")
+    assert first["answer"] == "72"  # 48 + 48 / 2
 
 
 def test_tiny_model_has_the_05b_geometry():
