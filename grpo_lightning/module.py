@@ -110,6 +110,9 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype)
+        # from_pretrained returns eval mode and Lightning keeps the modes it finds; in eval mode gradient
+        # checkpointing would silently do nothing
+        self.policy.train()
         if gradient_checkpointing:
             set_checkpointing(self.policy, True)
         if input_require_grads:

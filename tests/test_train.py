@@ -50,6 +50,7 @@ def test_fit_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir):
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
 
     assert trainer.global_step == 6  # 3 rollout steps × μ = 2 optimizer steps
+    assert module.policy.training and not module.reference.training  # trained in train mode, reference frozen
     policy, reference = module.policy.state_dict(), module.reference.state_dict()
     assert any(not torch.equal(policy[k], initial[k]) for k in initial)  # the policy learned something
     assert all(torch.equal(reference[k], initial[k]) for k in initial)  # the reference stayed frozen
