@@ -135,3 +135,12 @@ def test_reference_refresh_every_n_steps(tiny_model_dir):
     module._refresh_reference(step=2)
     assert torch.equal(next(module.reference.parameters()), policy_first)
     assert not next(module.reference.parameters()).requires_grad
+
+
+def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "ckpt", gradient_checkpointing=True, mu=1))
+    cli = run(["fit", "--config", config, "--trainer.max_steps", "2", "--eval.before", "false", "--eval.after", "false"])
+    from grpo_lightning.rollout import is_checkpointing
+
+    assert cli.trainer.global_step == 2
+    assert is_checkpointing(cli.model.policy) and cli.model.policy.training  # restored after each sampling
