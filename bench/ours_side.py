@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # allow `python bench/ours_side.py` as well as `p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import workload
-from bench.timing import emit, peak_rss_mib, summarise
+from bench.timing import emit_result, peak_rss_mib
 
 
 def prompt_batches(prompts: int, steps: int) -> list[dict[str, list]]:
@@ -133,25 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     loader = DataLoader(prompt_batches(setting["prompts"], args.steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
-    emit(
-        {
-            "framework": "grpo-lightning",
-            "setting": args.setting,
-            "config": setting,
-            "gradient_checkpointing": args.gradient_checkpointing == "on",
-            "module_args": module_args,
-            "adam": args.adam,
-            "threads": torch.get_num_threads(),
-            "steps": steps,
-            "median": summarise(steps),
-            "peak_rss_mib": peak_rss_mib(),
-            "rss_after_load_mib": rss_loaded,
-            "load_s": load_s,
-            # Mean completion length per step; equal to new_tokens when sampling ran to full length.
-            "min_completion_length": min(lengths) if lengths else None,
-        }
+    emit_result(
+        "grpo-lightning", args.setting, setting, steps, lengths, load_s, rss_loaded,
+        gradient_checkpointing=args.gradient_checkpointing == "on", module_args=module_args, adam=args.adam,
+        threads=torch.get_num_threads(),
     )
-
 
 if __name__ == "__main__":
     main()

@@ -70,3 +70,23 @@ def summarise(steps: list[dict[str, float]], warmup: int = 1) -> dict[str, float
 def emit(record: dict) -> None:
     """Print the result as one JSON line that the driver parses."""
     print(RESULT_PREFIX + json.dumps(record), flush=True)
+
+
+def emit_result(framework: str, setting: str, config: dict, steps: list[dict], lengths: list[int],
+                load_s: float, rss_loaded: float, **extra: object) -> None:
+    """Emit one framework's result: per-step times, their medians, peak RSS and proof of full-length sampling."""
+    emit(
+        {
+            "framework": framework,
+            "setting": setting,
+            "config": config,
+            **extra,
+            "steps": steps,
+            "median": summarise(steps),
+            "peak_rss_mib": peak_rss_mib(),
+            "rss_after_load_mib": rss_loaded,
+            "load_s": load_s,
+            # equal to the setting's new_tokens when every completion ran to full length
+            "min_completion_length": min(lengths) if lengths else None,
+        }
+    )

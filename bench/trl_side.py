@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # allow `python bench/trl_side.py` as well as `py
 
 from bench import workload
 from bench.reward import trl_reward
-from bench.timing import PHASES, PhaseTimer, diff, emit, peak_rss_mib, summarise
+from bench.timing import PHASES, PhaseTimer, diff, emit_result, peak_rss_mib
 
 
 def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, gradient_checkpointing: bool):
@@ -162,22 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         instrument(trainer, timer, opt_steps, lengths)
         trainer.train()
     steps = group_by_mu(opt_steps, setting["mu"])
-    emit(
-        {
-            "framework": "trl",
-            "setting": args.setting,
-            "config": setting,
-            "gradient_checkpointing": args.gradient_checkpointing == "on",
-            "steps": steps,
-            "median": summarise(steps),
-            "peak_rss_mib": peak_rss_mib(),
-            "rss_after_load_mib": rss_loaded,
-            "load_s": load_s,
-            # Proof that sampling ran to full length on every row.
-            "min_completion_length": min(lengths) if lengths else None,
-        }
+    emit_result(
+        "trl", args.setting, setting, steps, lengths, load_s, rss_loaded,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
     )
-
 
 if __name__ == "__main__":
     main()

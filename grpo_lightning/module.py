@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from grpo_lightning.loss import group_advantages, grpo_loss
-from grpo_lightning.rewards import is_correct, score_completions
+from grpo_lightning.rewards import extract_model_answer, is_correct, score_completions
 from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs, set_checkpointing
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -292,8 +292,6 @@ class GRPOModule(L.LightningModule):
 
     def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
         """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
-        from grpo_lightning.rewards import extract_model_answer
-
         hp = self.hparams
         rollout = generate_rollout(
             self.policy, self.tokenizer, batch["prompt"], 1, hp.eval_max_new_tokens or hp.max_new_tokens,

@@ -87,19 +87,20 @@ class SFTDataModule(L.LightningDataModule):
         self.train_examples: list[dict] | None = None
         self.val_examples: list[dict] = []
 
-    def _examples(self, split: str, limit: int | None = None) -> list[dict]:
+    def _examples(self, tokenizer, split: str, limit: int | None = None) -> list[dict]:
         hp = self.hparams
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(hp.tokenizer_name_or_path))
         records = load_records(hp.source, split, hp.config_name)[:limit]
         examples = [tokenize_example(tokenizer, r["question"], r["answer"], hp.strip_calculator) for r in records]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return [e for e in examples if len(e["input_ids"]) <= hp.max_length]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples is None:
-            self.train_examples = self._examples(self.hparams.train_split)
+            # once: a builtin:tiny-init name builds a fresh model directory on every resolution
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.tokenizer_name_or_path))
+            self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            self.train_examples = self._examples(tokenizer, self.hparams.train_split)
             if self.hparams.val_split:
-                self.val_examples = self._examples(self.hparams.val_split, self.hparams.val_size)
+                self.val_examples = self._examples(tokenizer, self.hparams.val_split, self.hparams.val_size)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
