@@ -14,16 +14,14 @@ loop, not from the weights, the tokenizer or the prompts.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from grpo_lightning.data import build_prompt
-from grpo_lightning.rewards import extract_dataset_answer
+from grpo_lightning.data import build_prompt, load_records
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"
-# The repository sits beside a shared/ folder holding GSM8K; the data is read in place, never copied.
-DEFAULT_GSM8K = BENCH_DIR.parent.parent / "shared" / "gsm8k"
+# The GSM8K sample packaged with the project: enough prompts for every setting, and in any clone.
+DEFAULT_GSM8K = "builtin:gsm8k-sample"
 
 
 # Qwen2's pre-tokenizer splits digits one by one (\p{N}), unlike the cl100k-style {1,3} default.
@@ -118,16 +116,15 @@ def prepare_model_dir(cache_dir: Path | str = DEFAULT_CACHE, num_layers: int = 4
     return out
 
 
-def load_prompts(n: int, gsm8k_dir: Path | str = DEFAULT_GSM8K, split: str = "train") -> list[dict]:
-    """The first ``n`` GSM8K records as ``{"prompt", "answer"}`` dicts (deterministic across runs)."""
-    records = []
-    with open(Path(gsm8k_dir) / f"{split}.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            if len(records) == n:
-                break
-            row = json.loads(line)
-            records.append({"prompt": build_prompt(row["question"]), "answer": extract_dataset_answer(row["answer"])})
-    return records
+def load_prompts(n: int, source: str = DEFAULT_GSM8K, split: str = "train") -> list[dict]:
+    """The first ``n`` GSM8K records as ``{"prompt", "answer"}`` dicts (deterministic across runs).
+
+    ``source`` is any data source of :func:`grpo_lightning.data.load_records` (a local copy of GSM8K, say).
+    """
+    records = load_records(source, split)
+    if len(records) < n:
+        raise ValueError(f"{source} ({split}) holds {len(records)} problems; the benchmark needs {n}")
+    return [{"prompt": build_prompt(r["question"]), "answer": r["expected"]} for r in records[:n]]
 
 
 # The three settings of the benchmark; "mu" is the number of policy updates per rollout batch.

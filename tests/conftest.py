@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny Qwen2-architecture model and tokenizer built offline, and real GSM8K rows."""
+"""Shared fixtures: a tiny Qwen2-architecture model and tokenizer built offline, and real GSM8K rows.
+
+The GSM8K rows come from the sample packaged with the project (``builtin:gsm8k-sample``): the tests read
+nothing outside the repository.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ import torch
 # Tiny models on a busy 2-core machine run many times faster on one intra-op thread than on two.
 torch.set_num_threads(1)
 
-GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
+from grpo_lightning.data import builtin_data_dir
+
+GSM8K_DIR = builtin_data_dir("gsm8k-sample")  # 64 train, 32 test problems
 TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
 
 
@@ -43,14 +49,15 @@ def build_tiny_model(out: Path, texts: list[str], seed: int = 0) -> Path:
     return out
 
 
-def gsm8k_rows(split: str, n: int) -> list[dict]:
+def gsm8k_rows(split: str, n: int | None = None) -> list[dict]:
+    """The first ``n`` rows (all when ``None``) of a split of the packaged GSM8K sample."""
     with (GSM8K_DIR / f"{split}.jsonl").open() as f:
-        return [json.loads(next(f)) for _ in range(n)]
+        return [json.loads(line) for line in f][:n]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    rows = gsm8k_rows("train", 200)
+    rows = gsm8k_rows("train") + gsm8k_rows("test")
     texts = [r["question"] + "\n" + r["answer"] for r in rows]
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), texts)
 

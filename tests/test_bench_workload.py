@@ -37,6 +37,8 @@ def test_prompts_are_real_gsm8k_built_like_the_seed():
     assert first["prompt"].startswith("Respond in the following format:\n\n<reasoning>")
     assert first["prompt"].endswith("How many clips did Natalia sell altogether in April and May?")
     assert first["answer"] == "72"  # 48 + 48 / 2
+    with pytest.raises(ValueError, match="holds 64 problems; the benchmark needs 65"):
+        workload.load_prompts(65)
 
 
 def test_tiny_model_has_the_05b_geometry():

@@ -16,13 +16,17 @@ def test_prompt_is_the_seeds():
     assert SYSTEM_PROMPT.startswith("\nRespond") and SYSTEM_PROMPT.endswith("</answer>\n")
 
 
-def test_real_gsm8k_counts_and_answers(tmp_path):
+def test_packaged_gsm8k_sample_counts_and_answers():
     from conftest import GSM8K_DIR
 
-    train = load_records(str(GSM8K_DIR), "train")
+    train = load_records("builtin:gsm8k-sample", "train")
     test = load_records(str(GSM8K_DIR / "test.jsonl"), "ignored")
-    assert (len(train), len(test)) == (7473, 1319)
+    assert (len(train), len(test)) == (64, 32)
     assert train[0]["expected"] == "72"  # Natalia's clips: 48 + 24 = 72
+    assert test[0]["expected"] == "18"  # Janet's ducks: (16 - 3 - 4) eggs × $2 = $18
+    assert (GSM8K_DIR / "LICENSE").read_text().startswith("MIT License")
+    with pytest.raises(ValueError, match="unknown built-in data set 'gsm8k-full'"):
+        load_records("builtin:gsm8k-full", "train")
 
 
 def _write(path, lines):
