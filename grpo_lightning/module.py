@@ -53,7 +53,10 @@ class GRPOModule(L.LightningModule):
         dtype: Weights dtype when loading (``auto``, ``float32``, ``bfloat16``, ``float16``).
         num_generations: Samples per prompt (G); advantages compare samples of the same prompt.
         max_new_tokens: Longest completion sampled during training.
-        temperature: Sampling temperature of the rollouts.
+        temperature: Sampling temperature T of the rollouts; every log-prob pass scores softmax(logits / T).
+        use_model_generation_config: Sample with the model's own generation config (Qwen2.5-Instruct's top-k
+            20, top-p 0.8, repetition penalty), as the seed does. Off by default: tokens are drawn from
+            softmax(logits / T) exactly, the distribution the ratio, the KL and the gradient assume.
         beta: Weight of the KL penalty against the reference; 0 drops the reference model entirely.
         clip_eps: Clipping range ε of the probability ratio.
         mu: Optimizer steps on each rollout (μ); the old policy's log-probs come from the first one.
@@ -71,7 +74,8 @@ class GRPOModule(L.LightningModule):
             (saves [rows, C, vocab] floats of memory, costs one more LM-head matmul).
         share_prompt: Read each prompt once for its G samples (sampling and log-prob passes) via a repeated
             KV cache; the training pass falls back to full sequences while gradient checkpointing is on.
-        generation_kwargs: Extra ``generate`` arguments for rollouts (e.g. ``top_k: 0``).
+        generation_kwargs: Extra ``generate`` arguments for rollouts (e.g. ``min_new_tokens: 8``); arguments that
+            change the sampling distribution (top-k, top-p, ...) make the loss score a different one.
         eval_max_new_tokens: Longest completion during evaluation; ``None`` for ``max_new_tokens``.
         eval_generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
         log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
@@ -84,6 +88,7 @@ class GRPOModule(L.LightningModule):
         num_generations: int = 16,
         max_new_tokens: int = 500,
         temperature: float = 1.0,
+        use_model_generation_config: bool = False,
         beta: float = 0.04,
         clip_eps: float = 0.1,
         mu: int = 1,
@@ -106,6 +111,8 @@ class GRPOModule(L.LightningModule):
     ):
         super().__init__()
         self._check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
+        if not temperature > 0:
+            raise ValueError(f"model.temperature must be positive (log-probs divide the logits by it), got {temperature}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -185,6 +192,7 @@ class GRPOModule(L.LightningModule):
         return sequence_logprobs(
             model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_length,
             hp.logprob_chunk_rows, group=hp.num_generations if hp.share_prompt else 1, recompute=hp.logprob_recompute,
+            temperature=hp.temperature,
         )
 
     def _refresh_reference(self, step: int) -> None:
@@ -203,6 +211,7 @@ class GRPOModule(L.LightningModule):
         rollout = generate_rollout(
             self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens,
             hp.temperature, hp.rows_per_generate, hp.generation_kwargs, share_prompt=hp.share_prompt,
+            use_model_generation_config=hp.use_model_generation_config,
         )
         self.timings = {"sampling": time.perf_counter() - clock}
 
@@ -296,6 +305,7 @@ class GRPOModule(L.LightningModule):
         rollout = generate_rollout(
             self.policy, self.tokenizer, batch["prompt"], 1, hp.eval_max_new_tokens or hp.max_new_tokens,
             generation_kwargs={"do_sample": False, **(hp.eval_generation_kwargs or {})},
+            use_model_generation_config=hp.use_model_generation_config,
         )
         return [
             {"prompt": p, "expected": e, "extracted": extract_model_answer(c), "completion": c, "correct": is_correct(c, e)}

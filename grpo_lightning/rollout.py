@@ -1,9 +1,11 @@
 """Rollouts: G samples per prompt, completion masks, and per-token log-probs of completions.
 
-Two traps shape this file. Sampling runs in eval mode with the KV cache on and gradient checkpointing
+Three traps shape this file. Sampling runs in eval mode with the KV cache on and gradient checkpointing
 paused: a checkpointed decoder in train mode drops the cache while ``generate`` feeds one token per step,
-so samples would not be conditioned on the prompt. And the pad token may be the EOS token, so a completion
-ends at its first EOS of any id the model declares, never where padding seems to start.
+so samples would not be conditioned on the prompt. The pad token may be the EOS token, so a completion
+ends at its first EOS of any id the model declares, never where padding seems to start. And the loss
+assumes that tokens were drawn from softmax(logits / T): by default sampling ignores the model's own
+generation config (top-k, top-p, repetition penalty), and every log-prob pass divides the logits by T.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -56,17 +61,19 @@ def completion_mask(completion_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
     return (torch.arange(C, device=completion_ids.device).expand(N, C) <= first_eos.unsqueeze(1)).int()
 
 
-def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float) -> Tensor:
     logits = F.linear(hidden, weight, bias).float()  # [n, C, V], one chunk of rows only
+    if temperature != 1.0:
+        logits = logits / temperature  # the distribution the sampler drew from
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)  # log_softmax(logits)[target] without the full log_softmax
 
 
 def token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 2, bias: Tensor | None = None,
-    recompute: bool = True,
+    recompute: bool = True, temperature: float = 1.0,
 ) -> Tensor:
-    """log p(target) for each position, passing ``chunk_rows`` rows at a time through the LM head.
+    """log softmax(logits / temperature)[target] for each position, ``chunk_rows`` rows at a time through the head.
 
     hidden: [N, C, H] hidden states that predict ``targets`` [N, C]; weight: [V, H]. Returns [N, C] float32.
     Only one chunk's [chunk_rows, C, V] logits exist at a time. Under autograd with ``recompute`` each
@@ -77,15 +84,24 @@ def token_logprobs(
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
         if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logprobs, h, weight, bias, t, use_reentrant=False))
+            out.append(checkpoint(_chunk_logprobs, h, weight, bias, t, temperature, use_reentrant=False))
         else:
-            out.append(_chunk_logprobs(h, weight, bias, t))
+            out.append(_chunk_logprobs(h, weight, bias, t, temperature))
     return torch.cat(out)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as ``generate`` uses them: [N, T] → [N, T]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_argument(module: Any) -> str:
+    """The name under which ``module.forward`` (and its ``generate``) takes a KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40 / 6.0);
+    earlier releases know only ``past_key_values``.
+    """
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def shared_prompt_cache(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, repeats: int) -> tuple[Tensor, Any]:
@@ -96,7 +112,7 @@ def shared_prompt_cache(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, rep
     out = model.base_model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask), use_cache=True
     )
-    cache = out.past_key_values
+    cache = out[cache_argument(model.base_model)]  # the output field carries the argument's name
     cache.batch_repeat_interleave(repeats)
     return out.last_hidden_state, cache
 
@@ -108,9 +124,11 @@ def _can_share_prompt(model: Any, group: int) -> bool:
 
 def sequence_logprobs(
     model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 2, group: int = 1,
-    recompute: bool = True,
+    recompute: bool = True, temperature: float = 1.0,
 ) -> Tensor:
     """Per-token log-probs of the completion positions of ``input_ids`` under ``model``: [N, P + C] → [N, C].
+
+    They are log softmax(logits / ``temperature``): the distribution that rollouts sampled from.
 
     ``group`` = G when each run of G rows shares one prompt: the decoder then reads each prompt once and the
     completions attend to its repeated KV cache (exact up to float rounding). Only the C completion
@@ -122,7 +140,7 @@ def sequence_logprobs(
         prompt_hidden, cache = shared_prompt_cache(model, input_ids[::group, :P], attention_mask[::group, :P], group)
         completion_hidden = backbone(
             input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{cache_argument(backbone): cache},
         ).last_hidden_state  # [N, C, H]
         # the last prompt position predicts the first completion token
         hidden = torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, dim=0), completion_hidden[:, :-1]], dim=1)
@@ -130,7 +148,7 @@ def sequence_logprobs(
         full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
         hidden = full.last_hidden_state[:, P - 1 : -1]  # [N, C, H]: the state at t predicts token t + 1
     head = model.get_output_embeddings()
-    return token_logprobs(hidden, head.weight, input_ids[:, P:], chunk_rows, head.bias, recompute)
+    return token_logprobs(hidden, head.weight, input_ids[:, P:], chunk_rows, head.bias, recompute, temperature)
 
 
 def is_checkpointing(model: Any) -> bool:
@@ -197,6 +215,28 @@ def sampling_mode(model: Any) -> Iterator[None]:
             set_checkpointing(model, True)
 
 
+def plain_generation_config(model: Any) -> GenerationConfig:
+    """The model's special-token ids and nothing else: no top-k, top-p, repetition penalty or other processor."""
+    own = model.generation_config
+    return GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id)
+
+
+@contextmanager
+def generation_config(model: Any, use_model_config: bool) -> Iterator[None]:
+    """Generate with the model's own generation config, or (``use_model_config=False``) with a plain one.
+
+    ``generate`` fills every option left unset from ``model.generation_config`` (Qwen2.5-Instruct's declares
+    top-k 20, top-p 0.8 and a repetition penalty), so the plain config replaces it for the call.
+    """
+    own = model.generation_config
+    if not use_model_config:
+        model.generation_config = plain_generation_config(model)
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 @torch.no_grad()
 def generate_rollout(
     model: Any,
@@ -209,13 +249,18 @@ def generate_rollout(
     generation_kwargs: dict | None = None,
     record_logprobs: bool = False,
     share_prompt: bool = True,
+    use_model_generation_config: bool = False,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each prompt with ``generate`` (KV cache on, eval mode).
 
-    ``rows_per_call`` bounds the rows of one ``generate`` call (memory); ``generation_kwargs`` override the
-    model's generation config (e.g. ``{"do_sample": False}``, ``{"top_k": 0}``, ``{"min_new_tokens": 64}``).
-    ``record_logprobs`` keeps the log-prob of each sampled token from the sampler's own (raw) logits; it
-    holds [rows, C, V] logits per call, so it is meant for checks, not for training at full vocabulary size.
+    By default tokens are drawn from softmax(logits / ``temperature``) exactly, whatever the model's
+    generation config declares; ``use_model_generation_config`` samples with that config instead (the
+    seed's behaviour: Qwen2.5-Instruct's top-k, top-p and repetition penalty). ``generation_kwargs`` are
+    passed on last (e.g. ``{"do_sample": False}``, ``{"min_new_tokens": 64}``).
+    ``rows_per_call`` bounds the rows of one ``generate`` call (memory).
+    ``record_logprobs`` keeps the log-prob of each sampled token under the distribution the sampler drew
+    it from (its processed scores); it holds [rows, C, V] scores per call, so it is meant for checks, not
+    for training at full vocabulary size.
     ``share_prompt`` prefills each prompt once and repeats its KV cache for its G samples.
     """
     device = next(model.parameters()).device
@@ -226,17 +271,19 @@ def generate_rollout(
     N, P = prompt_ids.shape
     rows = rows_per_call or N
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    kwargs = {"do_sample": True, "temperature": temperature, "max_new_tokens": max_new_tokens, **(generation_kwargs or {})}
-    if not kwargs["do_sample"]:
-        kwargs.pop("temperature")  # greedy: a temperature would only draw a warning
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": True, **(generation_kwargs or {})}
+    if kwargs["do_sample"]:  # (greedy needs none of these: they would only draw warnings)
+        # top-k 0 and top-p 1 switch off transformers' own defaults (top-k 50) under the plain config
+        plain = {} if use_model_generation_config else {"top_k": 0, "top_p": 1.0}
+        kwargs = {"temperature": temperature, **plain, **kwargs}
     pieces, logprob_pieces = [], []
-    with sampling_mode(model):
+    with sampling_mode(model), generation_config(model, use_model_generation_config):
         for start in range(0, N, rows):
             ids, attn = prompt_ids[start : start + rows], prompt_mask[start : start + rows]
             extra = {}
             if share_prompt and P > 1 and _can_share_prompt(model, num_generations):
                 # prefill all but the last prompt token once per prompt; generate reads the rest from the cache
-                extra["past_key_values"] = shared_prompt_cache(
+                extra[cache_argument(model)] = shared_prompt_cache(
                     model, ids[::num_generations, :-1], attn[::num_generations, :-1], num_generations
                 )[1]
             out = model.generate(
@@ -247,14 +294,14 @@ def generate_rollout(
                 pad_token_id=pad_id,
                 use_cache=True,
                 return_dict_in_generate=True,
-                output_logits=record_logprobs,
+                output_scores=record_logprobs,
                 **kwargs,
             )
             new = out.sequences[:, P:]  # [rows, C_call]
             pieces.append(new)
             if record_logprobs:
-                logits = torch.stack(out.logits, dim=1).float()  # [rows, C_call, V]
-                logprob_pieces.append(torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1))
+                scores = torch.stack(out.scores, dim=1).float()  # [rows, C_call, V], after temperature and filters
+                logprob_pieces.append(torch.log_softmax(scores, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1))
     C = max(p.shape[1] for p in pieces)
     completion_ids = torch.cat([F.pad(p, (0, C - p.shape[1]), value=pad_id) for p in pieces])  # [N, C]
     sample_logprobs = torch.cat([F.pad(p, (0, C - p.shape[1])) for p in logprob_pieces]) if record_logprobs else None

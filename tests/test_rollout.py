@@ -39,6 +39,14 @@ def test_token_logprobs_hand_worked():
     assert logp.tolist()[0] == pytest.approx([math.log(0.5), math.log(0.25)])
 
 
+def test_token_logprobs_divide_logits_by_temperature():
+    # logits [0, ln 2, 0] at T = 0.5 → [0, 2 ln 2, 0] → softmax [1/6, 4/6, 1/6] → log p(token 1) = ln (2/3)
+    hidden = torch.tensor([[[1.0, 0.0]]])  # [1, 1, 2]
+    weight = torch.tensor([[0.0, 0.0], [math.log(2.0), 0.0], [0.0, 0.0]])  # [3, 2]
+    logp = token_logprobs(hidden, weight, torch.tensor([[1]]), temperature=0.5)
+    assert logp.item() == pytest.approx(math.log(2 / 3))
+
+
 def test_token_logprobs_match_plain_formula_and_gradients():
     torch.manual_seed(0)
     hidden = torch.randn(5, 7, 16, requires_grad=True)
@@ -86,6 +94,33 @@ def test_samples_are_conditioned_on_the_prompt(tiny_model_dir):
         teacher = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
     gap = (teacher - rollout.sample_logprobs)[mask].abs().max().item()
     assert gap < 1e-4, f"sampled log-probs differ from the full-context forward by {gap}"
+
+
+def test_samples_come_from_the_distribution_the_loss_scores(tiny_model_dir):
+    """At T = 0.7 the sampler's own log-probs of its tokens equal the training pass's within 1e-4.
+
+    The model declares Qwen2.5-Instruct's top-k 20, top-p 0.8 and repetition penalty 1.05: by default
+    sampling ignores them and draws from softmax(logits / T), and the log-prob pass divides by T too.
+    With the seed's option (the model's generation config) the sampler draws from a narrower distribution.
+    """
+    model, tokenizer = _policy_in_training_setup(tiny_model_dir)
+    model.generation_config.update(do_sample=True, top_k=20, top_p=0.8, repetition_penalty=1.05)
+    gaps = {}
+    for use_model_config in (False, True):
+        torch.manual_seed(0)
+        rollout = generate_rollout(
+            model, tokenizer, PROMPTS, 4, 24, temperature=0.7, record_logprobs=True,
+            use_model_generation_config=use_model_config,
+        )
+        assert model.generation_config.top_k == 20  # the model's own config is back after sampling
+        mask = rollout.completion_mask.bool()
+        with torch.no_grad():
+            train_pass = sequence_logprobs(
+                model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, temperature=0.7
+            )
+        gaps[use_model_config] = (train_pass - rollout.sample_logprobs)[mask].abs().max().item()
+    assert gaps[False] < 1e-4, f"sampler and training pass disagree by {gaps[False]}"
+    assert gaps[True] > 0.05  # top-k / top-p renormalise: the training pass would score another distribution
 
 
 def test_sampled_logprobs_recomputed_consistently(tiny_model_dir):
