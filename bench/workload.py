@@ -14,6 +14,7 @@ loop, not from the weights, the tokenizer or the prompts.
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 from grpo_lightning.data import build_prompt, load_records
@@ -67,9 +68,9 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    converter = TikTokenConverter(
-        vocab_file=str(qwen_tiktoken_file()), pattern=QWEN2_PATTERN, extra_special_tokens=SPECIAL_TOKENS
-    )
+    # transformers 5 renamed additional_special_tokens to extra_special_tokens
+    specials = "extra_special_tokens" if "extra_special_tokens" in inspect.signature(TikTokenConverter).parameters else "additional_special_tokens"
+    converter = TikTokenConverter(vocab_file=str(qwen_tiktoken_file()), pattern=QWEN2_PATTERN, **{specials: SPECIAL_TOKENS})
     backend = converter.converted()
     backend.normalizer = normalizers.NFC()  # Qwen2's tokenizer.json normalises to NFC
     tok = PreTrainedTokenizerFast(

@@ -68,7 +68,10 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     tok.add_tokens([AddedToken(tag, normalized=False, special=False) for tag in TAGS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # a decoder takes no token_type_ids (transformers 4 sent them)
+    )
 
 
 def build_config(vocab_size: int, eos_id: int, pad_id: int) -> Qwen2Config:
