@@ -16,8 +16,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
 from grpo_lightning.loss import group_advantages, grpo_loss
+from grpo_lightning.precision import rounding_warning
 from grpo_lightning.rewards import extract_model_answer, is_correct, score_completions
 from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs, set_checkpointing
 
@@ -166,6 +168,10 @@ class GRPOModule(L.LightningModule):
                 f"trainer.max_steps ({max_steps}) counts optimizer steps and must be a multiple of model.mu "
                 f"({self.hparams.mu}): {max_steps // self.hparams.mu} rollout steps would not be whole"
             )
+        # After the precision plugin has cast the weights (bf16-true does) and the optimizer exists.
+        message = rounding_warning(self.optimizers().param_groups)
+        if message:
+            rank_zero_warn(message)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Sampling draws from the global generators: keep their state so a resumed run samples what the
