@@ -17,7 +17,8 @@ import argparse
 import inspect
 from pathlib import Path
 
-from grpo_lightning.data import build_prompt, load_records
+from grpo_lightning.answer_format import build_prompt
+from grpo_lightning.data import load_records
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"

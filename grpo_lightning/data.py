@@ -13,18 +13,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from grpo_lightning.answer_format import SYSTEM_PROMPT, build_prompt  # noqa: F401 (re-exported)
 from grpo_lightning.rewards import extract_dataset_answer
 
-SYSTEM_PROMPT = """
-Respond in the following format:
-
-<reasoning>
-...
-</reasoning>
-<answer>
-...
-</answer>
-"""
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATA = ("gsm8k-sample",)  # packaged under grpo_lightning/assets/, with their licenses
@@ -37,17 +28,6 @@ def builtin_data_dir(name: str) -> Path:
     if name not in BUILTIN_DATA:
         raise ValueError(f"unknown built-in data set {name!r}; built-in data sets are {BUILTIN_DATA}")
     return Path(str(resources.files("grpo_lightning") / "assets" / name))
-
-
-def build_prompt(question: str, tokenizer: Any = None) -> str:
-    """The seed's prompt: system prompt and question, each stripped, joined by one newline.
-
-    With a tokenizer, its chat template wraps the same two parts as system and user turns instead.
-    """
-    if tokenizer is None:
-        return SYSTEM_PROMPT.strip() + "\n" + question.strip()
-    messages = [{"role": "system", "content": SYSTEM_PROMPT.strip()}, {"role": "user", "content": question.strip()}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:

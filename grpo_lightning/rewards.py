@@ -10,23 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from grpo_lightning.answer_format import TAGS, extract_model_answer  # noqa: F401 (re-exported for callers)
+
 # A signed integer or decimal; the seed's pattern, kept as is (it reads "1,000" as two numbers).
 _NUMBER = re.compile(r"-?\d*\.?\d+")
 # The last number of a text, after "$" and "%" are removed: at the end, after a space, "=" or the start.
 _LAST_NUMBER = re.compile(r"(?:^|\s|=)\s*(-?\d*\.?\d+)\s*$")
-FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
-
-
-def extract_model_answer(text: str) -> str | None:
-    """The text after the last ``<answer>`` up to the following ``</answer>``, stripped.
-
-    Missing tags give ``None``; so does the literal ``...`` that the system prompt shows as a placeholder.
-    """
-    parts = text.split("<answer>")
-    if len(parts) < 2 or "</answer>" not in parts[-1]:
-        return None
-    answer = parts[-1].split("</answer>")[0].strip()
-    return None if answer == "..." else answer
+FORMAT_TAGS = TAGS  # the tags the format reward counts: those the system prompt asks for
 
 
 def extract_dataset_answer(text: str) -> str | None:

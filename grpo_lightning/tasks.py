@@ -20,6 +20,8 @@ import random
 import re
 from functools import lru_cache
 
+from grpo_lightning.answer_format import format_completion
+
 NAMES = ("Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jon", "Kemal", "Lena")
 ITEMS = ("apples", "books", "coins", "pens", "shells", "stickers", "marbles", "cards", "eggs", "cups")
 # Verb phrases for each operation; each takes the number it moves.
@@ -109,7 +111,7 @@ def completion_text(answer: str, strip_calculator: bool = True) -> str:
     reasoning, final = answer.split("####", 1)
     if strip_calculator:
         reasoning = _CALCULATOR.sub("", reasoning)
-    return f"<reasoning>\n{reasoning.strip()}\n</reasoning>\n<answer>\n{final.strip()}\n</answer>"
+    return format_completion(reasoning, final)
 
 
 def load_task(name: str, split: str) -> list[dict]:

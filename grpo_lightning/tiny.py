@@ -23,11 +23,10 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from grpo_lightning.data import build_prompt
+from grpo_lightning.answer_format import TAGS, build_prompt
 from grpo_lightning.tasks import completion_text, load_task
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
-TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 VOCAB_SIZE = 512
 # Qwen2's pre-tokenizer pattern: contractions, words, single digits, punctuation runs, newlines, spaces.
 QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
+from grpo_lightning.answer_format import build_prompt
 from grpo_lightning.cli import ThreadsCLI
-from grpo_lightning.data import build_prompt, load_records
+from grpo_lightning.data import load_records
 from grpo_lightning.module import load_model_and_tokenizer
 from grpo_lightning.rollout import set_checkpointing
 from grpo_lightning.tasks import completion_text

@@ -15,10 +15,10 @@ import torch
 # Tiny models on a busy 2-core machine run many times faster on one intra-op thread than on two.
 torch.set_num_threads(1)
 
+from grpo_lightning.answer_format import TAGS
 from grpo_lightning.data import builtin_data_dir
 
 GSM8K_DIR = builtin_data_dir("gsm8k-sample")  # 64 train, 32 test problems
-TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
 
 
 def build_tiny_model(out: Path, texts: list[str], seed: int = 0) -> Path:
@@ -34,7 +34,7 @@ def build_tiny_model(out: Path, texts: list[str], seed: int = 0) -> Path:
     )
     bpe.train_from_iterator(texts, trainer)
     # the tags as whole tokens: even an untrained model then emits them now and then, so rewards vary
-    bpe.add_tokens(TAGS)
+    bpe.add_tokens(list(TAGS))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     torch.manual_seed(seed)
     config = Qwen2Config(

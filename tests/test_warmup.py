@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_lightning.data import build_prompt
+from grpo_lightning.answer_format import build_prompt
 from grpo_lightning.tasks import completion_text
 from grpo_lightning.tiny import build
 from grpo_lightning.warmup import IGNORE, SFTWarmup, main, pad_batch, tokenize_example
