@@ -49,7 +49,7 @@ def test_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"b\.jsonl:3: missing text field 'answer'"):
         load_records(str(no_field), "train")
     no_hashes = _write(tmp_path / "c.jsonl", [json.dumps({"question": "q", "answer": "just 4"})])
-    with pytest.raises(ValueError, match=r"c\.jsonl:1: answer has no '####'"):
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: 'answer' has no final answer \(extract_dataset_answer found none\)"):
         load_records(str(no_hashes), "train")
 
 
@@ -93,3 +93,31 @@ def test_datamodule_sizes_and_eval_subset(gsm8k_dir):
     assert len(dm.train_records) == 64 and len(dm.eval_records) == 5
     batch = next(iter(dm.train_dataloader()))
     assert len(batch["prompt"]) == 3 and batch["prompt"][0].startswith("Respond in the following format")
+
+
+def boxed(text):
+    """A MATH-style extractor for the test below: the content of the last \\boxed{...}."""
+    start = text.rfind("\\boxed{")
+    return text[start + 7 : text.index("}", start)] if start >= 0 else None
+
+
+def test_other_field_names_and_answer_extractor(tmp_path):
+    rows = [
+        {"problem": "What is 3 + 4?", "solution": "3 + 4 = \\boxed{7}", "level": "1"},
+        {"problem": "What is 2 * 5?", "solution": "2 * 5 = \\boxed{10}", "level": "2"},
+    ]
+    path = _write(tmp_path / "math.jsonl", [json.dumps(r) for r in rows])
+    fields = {"question_field": "problem", "answer_field": "solution", "answer_extractor": "test_data.boxed"}
+    records = load_records(str(path), "train", **fields)
+    assert [r["expected"] for r in records] == ["7", "10"]
+    assert records[0]["question"] == "What is 3 + 4?" and records[1]["level"] == "2"  # other columns kept
+    with pytest.raises(ValueError, match=r"math\.jsonl:1: missing text field 'question'"):
+        load_records(str(path), "train")  # GSM8K's field names do not fit this file
+    dm = GSM8KDataModule(source=str(path), batch_size=2, **fields)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert sorted(batch["expected"]) == ["10", "7"] and sorted(batch["level"]) == ["1", "2"]
+    assert all(p.startswith("Respond in the following format") and p.endswith("?") for p in batch["prompt"])
+    bad = _write(tmp_path / "bad.jsonl", [json.dumps({"problem": "q", "solution": "no box"})])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'solution' has no final answer \(boxed found none\)"):
+        load_records(str(bad), "train", **fields)
