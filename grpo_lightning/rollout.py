@@ -61,33 +61,48 @@ def completion_mask(completion_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
     return (torch.arange(C, device=completion_ids.device).expand(N, C) <= first_eos.unsqueeze(1)).int()
 
 
-def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float) -> Tensor:
+def _chunk_logprobs(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float, with_entropy: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     logits = F.linear(hidden, weight, bias).float()  # [n, C, V], one chunk of rows only
     if temperature != 1.0:
         logits = logits / temperature  # the distribution the sampler drew from
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)  # log_softmax(logits)[target] without the full log_softmax
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = picked - lse  # log_softmax(logits)[target] without the full log_softmax
+    if not with_entropy:
+        return logp
+    with torch.no_grad():  # a statistic: no graph for it
+        # H = −Σ p·log p = logsumexp(z) − Σ p·z, from the logits this chunk has anyway
+        entropy = lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1)
+    return logp, entropy
 
 
 def token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 2, bias: Tensor | None = None,
-    recompute: bool = True, temperature: float = 1.0,
-) -> Tensor:
+    recompute: bool = True, temperature: float = 1.0, with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(logits / temperature)[target] for each position, ``chunk_rows`` rows at a time through the head.
 
     hidden: [N, C, H] hidden states that predict ``targets`` [N, C]; weight: [V, H]. Returns [N, C] float32.
     Only one chunk's [chunk_rows, C, V] logits exist at a time. Under autograd with ``recompute`` each
     chunk is checkpointed: the backward pass recomputes its logits (one more LM-head matmul) instead of
     keeping all N rows' logits alive; without it the logits stay for the backward pass, which is faster.
+    ``with_entropy`` also returns each position's entropy of the full distribution, [N, C] without
+    gradient, computed from each chunk's logits while they exist (one more pass over them).
     """
-    out = []
+    out, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
         if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logprobs, h, weight, bias, t, temperature, use_reentrant=False))
+            piece = checkpoint(_chunk_logprobs, h, weight, bias, t, temperature, with_entropy, use_reentrant=False)
         else:
-            out.append(_chunk_logprobs(h, weight, bias, t, temperature))
-    return torch.cat(out)
+            piece = _chunk_logprobs(h, weight, bias, t, temperature, with_entropy)
+        if with_entropy:
+            piece, entropy = piece
+            entropies.append(entropy)
+        out.append(piece)
+    return (torch.cat(out), torch.cat(entropies)) if with_entropy else torch.cat(out)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -124,15 +139,15 @@ def _can_share_prompt(model: Any, group: int) -> bool:
 
 def sequence_logprobs(
     model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 2, group: int = 1,
-    recompute: bool = True, temperature: float = 1.0,
-) -> Tensor:
+    recompute: bool = True, temperature: float = 1.0, with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs of the completion positions of ``input_ids`` under ``model``: [N, P + C] → [N, C].
 
     They are log softmax(logits / ``temperature``): the distribution that rollouts sampled from.
 
     ``group`` = G when each run of G rows shares one prompt: the decoder then reads each prompt once and the
     completions attend to its repeated KV cache (exact up to float rounding). Only the C completion
-    positions go through the LM head.
+    positions go through the LM head. ``with_entropy`` also returns the entropies (:func:`token_logprobs`).
     """
     P, backbone = prompt_length, model.base_model
     positions = position_ids(attention_mask)
@@ -148,7 +163,9 @@ def sequence_logprobs(
         full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
         hidden = full.last_hidden_state[:, P - 1 : -1]  # [N, C, H]: the state at t predicts token t + 1
     head = model.get_output_embeddings()
-    return token_logprobs(hidden, head.weight, input_ids[:, P:], chunk_rows, head.bias, recompute, temperature)
+    return token_logprobs(
+        hidden, head.weight, input_ids[:, P:], chunk_rows, head.bias, recompute, temperature, with_entropy
+    )
 
 
 def is_checkpointing(model: Any) -> bool:
