@@ -1,8 +1,9 @@
 """GRPOModule: the policy, a frozen reference, and one GRPO step per ``training_step``.
 
-A step samples G completions for each of B prompts, scores them, turns rewards into group-relative
-advantages and runs μ updates of the clipped, KL-penalised objective on that one rollout (manual
-optimization, so every optimizer step is explicit and ``global_step`` counts them: steps × μ).
+A step samples G completions for each of B prompts (rollout), scores them with the reward functions
+(scoring), turns rewards into group-relative advantages (a :class:`~grpo_lightning.step.GRPOBatch`) and
+runs μ updates of the clipped, KL-penalised objective on that one rollout (manual optimization, so every
+optimizer step is explicit and ``global_step`` counts them: steps × μ).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import copy
 import random
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -18,10 +20,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
-from grpo_lightning.loss import group_advantages, grpo_loss
+from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, grpo_loss, token_mean_part
 from grpo_lightning.precision import rounding_warning
-from grpo_lightning.rewards import extract_model_answer, is_correct, score_completions
+from grpo_lightning.rewards import extract_model_answer, is_correct
 from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs, set_checkpointing
+from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
+from grpo_lightning.step import GRPOBatch, prepare_batch, score_rollout, step_metrics
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,7 +64,17 @@ class GRPOModule(L.LightningModule):
             20, top-p 0.8, repetition penalty), as the seed does. Off by default: tokens are drawn from
             softmax(logits / T) exactly, the distribution the ratio, the KL and the gradient assume.
         beta: Weight of the KL penalty against the reference; 0 drops the reference model entirely.
-        clip_eps: Clipping range ε of the probability ratio.
+        clip_eps: Clipping range ε of the probability ratio (TRL's ``epsilon``): [1 − ε, 1 + ε_high].
+        epsilon_high: Upper clipping bound ε_high (DAPO's clip-higher); ``None`` for ``clip_eps``.
+        loss_type: How token objectives are averaged: ``grpo`` (each completion's token mean, then the mean
+            over completions: the seed), ``bnpo`` and ``dapo`` (one token mean over the step),
+            ``dr_grpo`` (token sum / (completions × max_new_tokens)).
+        scale_rewards: Divide centred rewards by the std of their ``group`` (the seed), of the whole
+            ``batch``, or ``none`` (Dr. GRPO).
+        mask_truncated_completions: Completions that never reached EOS add nothing to the loss.
+        reward_funcs: Import paths of reward functions, called as TRL calls them (``f(prompts,
+            completions, **columns) -> list[float]``); default the seed's correctness and format rewards.
+        reward_weights: One weight per reward function; ``None`` for 1 each. The reward is the weighted sum.
         mu: Optimizer steps on each rollout (μ); the old policy's log-probs come from the first one.
         ref_update_every: Copy the policy into the reference every N steps (the seed's outer iterations); 0 never.
         reset_optimizer_on_ref_update: Clear the optimizer state at each reference refresh, as the seed does.
@@ -93,6 +107,12 @@ class GRPOModule(L.LightningModule):
         use_model_generation_config: bool = False,
         beta: float = 0.04,
         clip_eps: float = 0.1,
+        epsilon_high: float | None = None,
+        loss_type: str = "grpo",
+        scale_rewards: str = "group",
+        mask_truncated_completions: bool = False,
+        reward_funcs: Sequence[str] = DEFAULT_REWARD_FUNCS,
+        reward_weights: Sequence[float] | None = None,
         mu: int = 1,
         ref_update_every: int = 0,
         reset_optimizer_on_ref_update: bool = False,
@@ -115,6 +135,9 @@ class GRPOModule(L.LightningModule):
         self._check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
         if not temperature > 0:
             raise ValueError(f"model.temperature must be positive (log-probs divide the logits by it), got {temperature}")
+        self._check_choices(loss_type, scale_rewards, clip_eps, epsilon_high)
+        # imported now: a wrong path fails before any model loads
+        self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -139,6 +162,15 @@ class GRPOModule(L.LightningModule):
         for name, value in (("rows_per_generate", rows_gen), ("rows_per_update", rows_upd)):
             if value is not None and (value < 1 or value % G):
                 raise ValueError(f"model.{name} ({value}) must be a positive multiple of num_generations ({G})")
+
+    @staticmethod
+    def _check_choices(loss_type: str, scale_rewards: str, clip_eps: float, epsilon_high: float | None) -> None:
+        if loss_type not in LOSS_AGGREGATIONS:
+            raise ValueError(f"model.loss_type must be one of {sorted(LOSS_AGGREGATIONS)}, got {loss_type!r}")
+        if scale_rewards not in REWARD_SCALES:
+            raise ValueError(f"model.scale_rewards must be one of {sorted(REWARD_SCALES)}, got {scale_rewards!r}")
+        if clip_eps < 0 or (epsilon_high is not None and epsilon_high < 0):
+            raise ValueError(f"model.clip_eps ({clip_eps}) and model.epsilon_high ({epsilon_high}) must not be negative")
 
     def _frozen_copy(self) -> torch.nn.Module:
         reference = copy.deepcopy(self.policy).eval()
@@ -193,12 +225,12 @@ class GRPOModule(L.LightningModule):
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
-    def _logprobs(self, model: Any, rollout: Rollout, rows: slice = slice(None)) -> torch.Tensor:
+    def _logprobs(self, model: Any, rollout: Rollout, rows: slice = slice(None), with_entropy: bool = False) -> Any:
         hp = self.hparams
         return sequence_logprobs(
             model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_length,
             hp.logprob_chunk_rows, group=hp.num_generations if hp.share_prompt else 1, recompute=hp.logprob_recompute,
-            temperature=hp.temperature,
+            temperature=hp.temperature, with_entropy=with_entropy,
         )
 
     def _refresh_reference(self, step: int) -> None:
@@ -209,62 +241,57 @@ class GRPOModule(L.LightningModule):
         if self.hparams.reset_optimizer_on_ref_update:
             self.optimizers().optimizer.state.clear()
 
-    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
-        hp = self.hparams
-        step = self.global_step // hp.mu  # rollout steps completed before this one
+    def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
+        step = self.global_step // self.hparams.mu  # rollout steps completed before this one
         self._refresh_reference(step)
+        self.timings = {}
+        rollout = self._timed("sampling", self._rollout, batch)
+        # a bad reward function stops the step here, before any update
+        scores = score_rollout(self.reward_funcs, batch, rollout, self.hparams.num_generations)
+        data = self._timed("reference", self._advantages, rollout, scores)
+        # The old policy's log-probs need no pass of their own: they are the first update's, detached.
+        self.timings["old_policy"] = 0.0
+        stats = self._timed("update", self._update, data)
+        self._log_step(data, stats)
+        self._log_samples(step, batch, rollout, scores.total)
+
+    def _timed(self, name: str, stage: Any, *args: Any) -> Any:
         clock = time.perf_counter()
-        rollout = generate_rollout(
+        out = stage(*args)
+        self.timings[name] = time.perf_counter() - clock
+        return out
+
+    def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
+        hp = self.hparams
+        return generate_rollout(
             self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens,
             hp.temperature, hp.rows_per_generate, hp.generation_kwargs, share_prompt=hp.share_prompt,
             use_model_generation_config=hp.use_model_generation_config,
         )
-        self.timings = {"sampling": time.perf_counter() - clock}
 
-        expected = [a for a in batch["expected"] for _ in range(hp.num_generations)]  # [B*G], groups adjacent
-        scores = score_completions(rollout.completions, expected)
-        rewards = torch.tensor(scores["total"], dtype=torch.float32, device=self.device)  # [B*G]
-        advantages = group_advantages(rewards, hp.num_generations)
-        mask = rollout.completion_mask
+    def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
+        """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
+        hp = self.hparams
+        data = prepare_batch(rollout, scores, hp.num_generations, hp.scale_rewards, hp.mask_truncated_completions)
+        # With several processes, num_sequences and num_tokens would be summed over processes here (and the
+        # loss scaled by their number, which averages gradients) to keep the loss independent of it.
+        if self.reference is not None:
+            with torch.no_grad():
+                data.ref_logp = self._logprobs(self.reference, rollout)
+        return data
 
-        clock = time.perf_counter()
-        with torch.no_grad():
-            ref_logp = self._logprobs(self.reference, rollout) if self.reference is not None else None
-        self.timings["reference"] = time.perf_counter() - clock
-        # The old policy's log-probs need no pass of their own: they are the first update's, detached.
-        self.timings["old_policy"] = 0.0
-
-        clock = time.perf_counter()
-        stats = self._update(rollout, ref_logp, advantages, mask)
-        self.timings["update"] = time.perf_counter() - clock
-
-        lengths = mask.sum(dim=1).float()
-        self.log("reward", rewards.mean(), prog_bar=True, batch_size=len(rewards))
-        self.log_dict(
-            {
-                "reward/std": rewards.std(),
-                "reward/correctness": torch.tensor(scores["correctness"]).mean(),
-                "reward/format": torch.tensor(scores["format"]).mean(),
-                "completion/length_mean": lengths.mean(),
-                "completion/length_max": lengths.max(),
-                "completion/truncated_fraction": rollout.truncated.float().mean(),
-                "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
-                **stats,
-                **{f"time/{k}": torch.tensor(v) for k, v in self.timings.items()},
-            },
-            batch_size=len(rewards),
-        )
-        self._log_samples(step, batch, rollout, scores["total"])
-
-    def _update(self, rollout: Rollout, ref_logp: Any, advantages: torch.Tensor, mask: torch.Tensor) -> dict:
+    def _update(self, data: GRPOBatch) -> dict:
         """μ optimizer steps on one rollout; rows are processed ``rows_per_update`` at a time.
 
         The first update runs on the weights that sampled the rollout, so its log-probs, detached, are the
-        old policy's: later updates take their ratio against them (at μ = 1 the ratio is exactly 1).
+        old policy's: later updates take their ratio against them (at μ = 1 the ratio is exactly 1). Each
+        chunk's loss and statistics are already its part of the step's (the denominators are the step's
+        counts), so they are summed: the gradient is that of the uncut step.
         """
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        N = advantages.shape[0]
+        rollout, mask, ref_logp = data.rollout, data.loss_mask, data.ref_logp
+        N = data.num_sequences
         per = hp.rows_per_update or N
         old_logp = torch.zeros(mask.shape, device=self.device) if hp.mu > 1 else None  # [N, C]
         totals: dict[str, torch.Tensor] = {}
@@ -273,23 +300,32 @@ class GRPOModule(L.LightningModule):
             totals = {}
             for start in range(0, N, per):
                 rows = slice(start, start + per)
-                logp = self._logprobs(self.policy, rollout, rows)  # [rows, C]
+                logp, entropy = self._logprobs(self.policy, rollout, rows, with_entropy=True)  # [rows, C] each
                 if update == 0 and old_logp is not None:
                     old_logp[rows] = logp.detach()
                 loss, stats = grpo_loss(
                     logp, None if update == 0 else old_logp[rows], None if ref_logp is None else ref_logp[rows],
-                    advantages[rows], mask[rows], hp.clip_eps, hp.beta,
+                    data.advantages[rows], mask[rows], hp.clip_eps, hp.beta,
+                    epsilon_high=hp.epsilon_high, loss_type=hp.loss_type, max_new_tokens=hp.max_new_tokens,
+                    num_sequences=N, num_tokens=data.num_tokens,
                 )
-                weight = logp.shape[0] / N  # the loss is a mean over rows: accumulate row-weighted parts
-                self.manual_backward(loss * weight)
-                for key, value in {"loss": loss.detach(), **stats}.items():
-                    totals[key] = totals.get(key, 0) + value * weight
+                self.manual_backward(loss)
+                stats = {"loss": loss.detach(), **stats, "entropy": token_mean_part(entropy, mask[rows], data.num_tokens)}
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0) + value
             if hp.grad_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
         return totals  # statistics of the last of the μ updates
+
+    def _log_step(self, data: GRPOBatch, stats: dict) -> None:
+        N = data.num_sequences
+        self.log("reward", data.rewards.mean(), prog_bar=True, batch_size=N)
+        lr = torch.tensor(self.optimizers().param_groups[0]["lr"])
+        timings = {f"time/{k}": torch.tensor(v) for k, v in self.timings.items()}
+        self.log_dict({**step_metrics(data), "lr": lr, **stats, **timings}, batch_size=N)
 
     def _log_samples(self, step: int, batch: dict, rollout: Rollout, rewards: list[float]) -> None:
         every = self.hparams.log_samples_every_n_steps

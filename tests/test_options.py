@@ -1,0 +1,89 @@
+"""The options of issue-sized pieces through the real training loop: loss types, reward functions, metrics."""
+
+import pytest
+import torch
+from test_train import make_config, scalars
+from transformers import AutoModelForCausalLM
+
+from grpo_lightning.cli import run
+from grpo_lightning.scoring import RewardFunctionError
+
+QUIET = ["--eval.before", "false", "--eval.after", "false"]
+
+
+def short_answers(prompts, completions, **kwargs):
+    """A user's reward function in TRL's convention: prefers short completions."""
+    return [1.0 / (1 + len(c)) for c in completions]
+
+
+def broken(prompts, completions, **kwargs):
+    return [0.0] * (len(completions) - 1)
+
+
+def fit(tmp_path, tiny_model_dir, gsm8k_dir, name, steps, *args):
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, name, mu=1)
+    return run(["fit", "--config", str(config), "--trainer.max_steps", str(steps), *QUIET, *args])
+
+
+def test_options_train_and_log_their_metrics(tmp_path, tiny_model_dir, gsm8k_dir):
+    cli = fit(
+        tmp_path, tiny_model_dir, gsm8k_dir, "options", 2,
+        "--model.loss_type", "dr_grpo", "--model.epsilon_high", "0.28", "--model.scale_rewards", "batch",
+        "--model.mask_truncated_completions", "true",
+        "--model.reward_funcs", '["grpo_lightning.scoring.format", "test_options.short_answers"]',
+        "--model.reward_weights", "[1.0, 0.5]",
+    )
+    assert cli.trainer.global_step == 2
+    logged = scalars(cli.trainer.log_dir)
+    for tag in ("reward/format", "reward/short_answers", "frac_reward_zero_std", "entropy",
+                "clip_fraction/low", "clip_fraction/high"):
+        assert len(logged[tag]) == 2, tag
+    assert "reward/correctness" not in logged  # only the configured functions are called
+    # token statistics count the tokens the loss sees: with truncated completions masked out, maybe none
+    assert all(e >= 0 for e in logged["entropy"])
+    assert all(0 <= f <= 1 for f in logged["frac_reward_zero_std"])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_rows_per_update_does_not_change_the_step(tmp_path, tiny_model_dir, gsm8k_dir, loss_type):
+    # Same seed, same samples: one step over all 8 rows at once, or in chunks of 4, moves the weights alike.
+    # short_answers: rewards differ within every group, so advantages are non-zero and the step moves weights.
+    # SGD: the weights move by lr · gradient, so equal weights mean equal gradients (Adam's first step,
+    # lr · g / (|g| + 1e-8), would magnify float rounding in tiny gradients).
+    args = [
+        "--model.loss_type", loss_type, "--model.beta", "0.04", "--model.reward_funcs", '["test_options.short_answers"]',
+        "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1.0",
+    ]
+    whole_cli = fit(tmp_path, tiny_model_dir, gsm8k_dir, f"whole-{loss_type}", 1, *args)
+    chunked_cli = fit(tmp_path, tiny_model_dir, gsm8k_dir, f"chunked-{loss_type}", 1, *args, "--model.rows_per_update", "4")
+    whole, chunked = whole_cli.model.policy.state_dict(), chunked_cli.model.policy.state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    moved = max((whole[k] - initial[k]).abs().max().item() for k in initial)
+    differ = max((whole[k] - chunked[k]).abs().max().item() for k in whole)
+    assert moved > 1e-4 and differ < 1e-4 * moved
+    a, b = scalars(whole_cli.trainer.log_dir), scalars(chunked_cli.trainer.log_dir)
+    for tag in ("loss", "kl", "entropy", "ratio"):
+        assert b[tag] == pytest.approx(a[tag], abs=1e-6), tag
+    assert a["entropy"][0] > 1.0  # a random model over ~200 tokens is far from one-hot (uniform: ln 200 ≈ 5.3)
+
+
+def test_bad_reward_function_stops_before_any_update(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "broken", mu=1)
+    args = ["fit", "--config", str(config), *QUIET, "--model.reward_funcs", '["test_options.broken"]']
+    with pytest.raises(RewardFunctionError, match="reward function 'broken' returned 7 values for 8 completions"):
+        run(args)
+    # a checkpoint is written after every step: none exists, so no optimizer step happened
+    assert not list((tmp_path / "broken" / "ckpt").glob("*.ckpt"))
+
+
+def test_option_errors(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "errors"))
+    with pytest.raises(ValueError, match="model.loss_type must be one of"):
+        run(["fit", "--config", config, "--model.loss_type", "ppo"])
+    with pytest.raises(ValueError, match="model.scale_rewards must be one of"):
+        run(["fit", "--config", config, "--model.scale_rewards", "rank"])
+    with pytest.raises(ValueError, match="2 values for 1 reward functions"):
+        run(["fit", "--config", config, "--model.reward_funcs", '["grpo_lightning.scoring.format"]',
+             "--model.reward_weights", "[1, 2]"])
+    with pytest.raises(ImportError, match="cannot import 'nowhere.reward'"):
+        run(["fit", "--config", config, "--model.reward_funcs", '["nowhere.reward"]'])
