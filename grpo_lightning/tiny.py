@@ -85,7 +85,7 @@ def build_config(vocab_size: int, eos_id: int, pad_id: int) -> Qwen2Config:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,  # GSM8K prompts in this small vocabulary run past 256 tokens
         rope_theta=10000.0,
         tie_word_embeddings=True,
         bos_token_id=eos_id,
