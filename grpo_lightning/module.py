@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import random
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L

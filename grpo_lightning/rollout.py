@@ -10,12 +10,11 @@ generation config (top-k, top-p, repetition penalty), and every log-prob pass di
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import inspect
 
 import torch
 import torch.nn.functional as F
