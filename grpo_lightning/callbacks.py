@@ -13,6 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics.classification import BinaryAccuracy
 from tqdm.auto import tqdm
 
+from grpo_lightning.lora import is_lora, save_lora
+
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write rows as JSON lines, refusing to replace a file that is already there."""
@@ -94,6 +96,9 @@ class AccuracyCallback(L.Callback):
 class HFExport(L.Callback):
     """Save the policy and tokenizer with ``save_pretrained`` when fit ends.
 
+    A LoRA policy is saved merged (weights W + (alpha / r)·B·A, a plain model that ``AutoModelForCausalLM``
+    loads), with its adapters alone in ``adapter/`` inside the export directory (``PeftModel.from_pretrained``).
+
     Args:
         export_dir: Where to save; ``None`` for ``hf_model`` in the run's log directory.
         overwrite: Allow replacing a non-empty ``export_dir``; otherwise fit refuses to start.
@@ -116,6 +121,10 @@ class HFExport(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         assert self.path is not None
+        if is_lora(module.policy):
+            save_lora(module.policy, module.tokenizer, self.path)
+            rank_zero_info(f"Saved the merged model and tokenizer to {self.path}, the LoRA adapters to {self.path / 'adapter'}")
+            return
         module.policy.save_pretrained(self.path)
         module.tokenizer.save_pretrained(self.path)
         rank_zero_info(f"Saved the fine-tuned model and tokenizer to {self.path}")

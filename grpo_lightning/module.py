@@ -20,10 +20,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
+from grpo_lightning.lora import LoRA, add_lora, adapters_off
 from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, grpo_loss, token_mean_part
 from grpo_lightning.precision import rounding_warning
 from grpo_lightning.rewards import extract_model_answer, is_correct
-from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs, set_checkpointing
+from grpo_lightning.rollout import Rollout, causal_lm, generate_rollout, sequence_logprobs, set_checkpointing
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.step import GRPOBatch, prepare_batch, score_rollout, step_metrics
 
@@ -77,6 +78,7 @@ class GRPOModule(L.LightningModule):
         reward_weights: One weight per reward function; ``None`` for 1 each. The reward is the weighted sum.
         mu: Optimizer steps on each rollout (μ); the old policy's log-probs come from the first one.
         ref_update_every: Copy the policy into the reference every N steps (the seed's outer iterations); 0 never.
+            Refused with LoRA, whose reference is the base model (see ``lora``).
         reset_optimizer_on_ref_update: Clear the optimizer state at each reference refresh, as the seed does.
         optimizer: Optimizer factory; default Adam with lr 5e-6 (the seed's), fused.
         lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
@@ -95,6 +97,8 @@ class GRPOModule(L.LightningModule):
         eval_max_new_tokens: Longest completion during evaluation; ``None`` for ``max_new_tokens``.
         eval_generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
         log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
+        lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
+            reference is then the policy with its adapters switched off, not a second copy.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class GRPOModule(L.LightningModule):
         eval_max_new_tokens: int | None = None,
         eval_generation_kwargs: dict[str, Any] | None = None,
         log_samples_every_n_steps: int = 10,
+        lora: LoRA | None = None,
     ):
         super().__init__()
         self._check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
@@ -138,18 +143,26 @@ class GRPOModule(L.LightningModule):
         self._check_choices(loss_type, scale_rewards, clip_eps, epsilon_high)
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
+        if lora is not None and ref_update_every and beta != 0:
+            raise ValueError(
+                "model.ref_update_every must be 0 with model.lora: the reference is the base model (adapters "
+                "off), which never changes. To continue from a trained policy, export it (merged) and start a "
+                "new run from the export."
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype)
+        if lora is not None:
+            self.policy = add_lora(self.policy, lora)
         # from_pretrained returns eval mode and Lightning keeps the modes it finds; in eval mode gradient
         # checkpointing would silently do nothing
         self.policy.train()
         if gradient_checkpointing:
             set_checkpointing(self.policy, True)
         if input_require_grads:
-            self.policy.enable_input_require_grads()
-        self.reference = None if beta == 0 else self._frozen_copy()
+            causal_lm(self.policy).enable_input_require_grads()
+        self.reference = None if beta == 0 or lora is not None else self._frozen_copy()
         self.timings: dict[str, float] = {}
 
     @staticmethod
@@ -233,6 +246,15 @@ class GRPOModule(L.LightningModule):
             temperature=hp.temperature, with_entropy=with_entropy,
         )
 
+    @torch.no_grad()
+    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
+        if self.hparams.beta == 0:
+            return None
+        if self.reference is not None:
+            return self._logprobs(self.reference, rollout)
+        with adapters_off(self.policy):  # LoRA: the frozen base model is the reference
+            return self._logprobs(self.policy, rollout)
+
     def _refresh_reference(self, step: int) -> None:
         every = self.hparams.ref_update_every
         if self.reference is None or not every or step == 0 or step % every:
@@ -275,9 +297,7 @@ class GRPOModule(L.LightningModule):
         data = prepare_batch(rollout, scores, hp.num_generations, hp.scale_rewards, hp.mask_truncated_completions)
         # With several processes, num_sequences and num_tokens would be summed over processes here (and the
         # loss scaled by their number, which averages gradients) to keep the loss independent of it.
-        if self.reference is not None:
-            with torch.no_grad():
-                data.ref_logp = self._logprobs(self.reference, rollout)
+        data.ref_logp = self._reference_logprobs(rollout)
         return data
 
     def _update(self, data: GRPOBatch) -> dict:

@@ -123,10 +123,10 @@ def shared_prompt_cache(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, rep
 
     Returns the prompts' last hidden states [B, L, H] and a cache of B * repeats rows.
     """
-    out = model.base_model(
+    out = decoder(model)(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask), use_cache=True
     )
-    cache = out[cache_argument(model.base_model)]  # the output field carries the argument's name
+    cache = out[cache_argument(decoder(model))]  # the output field carries the argument's name
     cache.batch_repeat_interleave(repeats)
     return out.last_hidden_state, cache
 
@@ -148,7 +148,7 @@ def sequence_logprobs(
     completions attend to its repeated KV cache (exact up to float rounding). Only the C completion
     positions go through the LM head. ``with_entropy`` also returns the entropies (:func:`token_logprobs`).
     """
-    P, backbone = prompt_length, model.base_model
+    P, backbone = prompt_length, decoder(model)
     positions = position_ids(attention_mask)
     if _can_share_prompt(model, group):
         prompt_hidden, cache = shared_prompt_cache(model, input_ids[::group, :P], attention_mask[::group, :P], group)
@@ -161,14 +161,29 @@ def sequence_logprobs(
     else:
         full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
         hidden = full.last_hidden_state[:, P - 1 : -1]  # [N, C, H]: the state at t predicts token t + 1
-    head = model.get_output_embeddings()
+    head = causal_lm(model).get_output_embeddings()
     return token_logprobs(
         hidden, head.weight, input_ids[:, P:], chunk_rows, head.bias, recompute, temperature, with_entropy
     )
 
 
+def decoder(model: Any) -> Any:
+    """The decoder stack without the LM head, through any wrapper.
+
+    Not ``model.base_model``: on a peft model that is the LoRA wrapper, whose forward adds the LM head.
+    The adapters live inside the decoder's layers, so calling the decoder applies them.
+    """
+    return model.get_decoder()
+
+
+def causal_lm(model: Any) -> Any:
+    """The ``transformers`` model itself: under a peft wrapper, its base model (the adapters stay in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_checkpointing(model: Any) -> bool:
     """Whether activation (gradient) checkpointing is on; transformers 5 renamed the flag."""
+    model = causal_lm(model)
     if hasattr(type(model), "is_activation_checkpointing"):
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))
@@ -176,6 +191,7 @@ def is_checkpointing(model: Any) -> bool:
 
 def set_checkpointing(model: Any, enabled: bool) -> None:
     """Turn activation checkpointing on (non-reentrant) or off, under either transformers API."""
+    model = causal_lm(model)
     if hasattr(model, "activation_checkpointing_enable"):
         if enabled:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -214,19 +230,20 @@ def sampling_mode(model: Any) -> Iterator[None]:
     On the CPU the LM head is swapped for :class:`WeightMajorHead` meanwhile.
     """
     was_training, checkpointing = model.training, is_checkpointing(model)
-    head = model.get_output_embeddings()
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
     swap_head = isinstance(head, torch.nn.Linear) and head.weight.device.type == "cpu"
     if checkpointing:
         set_checkpointing(model, False)
     if swap_head:
-        model.set_output_embeddings(WeightMajorHead(head))
+        lm.set_output_embeddings(WeightMajorHead(head))
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
         if swap_head:
-            model.set_output_embeddings(head)
+            lm.set_output_embeddings(head)
         if checkpointing:
             set_checkpointing(model, True)
 
@@ -244,13 +261,14 @@ def generation_config(model: Any, use_model_config: bool) -> Iterator[None]:
     ``generate`` fills every option left unset from ``model.generation_config`` (Qwen2.5-Instruct's declares
     top-k 20, top-p 0.8 and a repetition penalty), so the plain config replaces it for the call.
     """
-    own = model.generation_config
+    lm = causal_lm(model)  # set on a peft wrapper, the config would stay behind in the base model after generate
+    own = lm.generation_config
     if not use_model_config:
-        model.generation_config = plain_generation_config(model)
+        lm.generation_config = plain_generation_config(lm)
     try:
         yield
     finally:
-        model.generation_config = own
+        lm.generation_config = own
 
 
 @torch.no_grad()
@@ -299,7 +317,7 @@ def generate_rollout(
             extra = {}
             if share_prompt and P > 1 and _can_share_prompt(model, num_generations):
                 # prefill all but the last prompt token once per prompt; generate reads the rest from the cache
-                extra[cache_argument(model)] = shared_prompt_cache(
+                extra[cache_argument(causal_lm(model))] = shared_prompt_cache(
                     model, ids[::num_generations, :-1], attn[::num_generations, :-1], num_generations
                 )[1]
             out = model.generate(
