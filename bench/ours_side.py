@@ -52,6 +52,7 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
           adam: str = "default"):
     import torch
 
+    from grpo_lightning.lora import LoRA
     from grpo_lightning.module import GRPOModule
 
     N = setting["new_tokens"]
@@ -73,6 +74,7 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
         # transformers default of top-k 50).
         generation_kwargs={"min_new_tokens": N, "top_k": 0, "top_p": 1.0},
         log_samples_every_n_steps=0,
+        lora=LoRA(**setting["lora"]) if "lora" in setting else None,
         **extra,  # toggles measured one at a time, e.g. rows_per_update=4
     )
 

@@ -45,7 +45,8 @@ def run_side(side: str, setting: str, steps: int, extra: list[str], log_dir: Pat
 
 def describe(setting: str) -> str:
     s = workload.SETTINGS[setting]
-    return f"({setting}) {s['prompts']} prompts x {s['generations']} gen x {s['new_tokens']} tok, mu {s['mu']}, beta {s['beta']}"
+    lora = f", LoRA r {s['lora']['r']}" if "lora" in s else ""
+    return f"({setting}) {s['prompts']} prompts x {s['generations']} gen x {s['new_tokens']} tok, mu {s['mu']}, beta {s['beta']}{lora}"
 
 
 def format_table(results: dict[str, dict[str, dict]]) -> str:

@@ -81,7 +81,24 @@ def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, grad
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
+        peft_config=trl_peft_config(setting),
     )
+
+
+def trl_peft_config(setting: dict):
+    """The LoraConfig grpo-lightning builds for the same setting, or None for full fine-tuning."""
+    if "lora" not in setting:
+        return None
+    from grpo_lightning.lora import LoRA, peft_config
+
+    return peft_config(LoRA(**setting["lora"]))
+
+
+def adapters_disabled(model) -> bool:
+    """Whether the model's LoRA layers are switched off right now (how TRL runs a LoRA policy as its reference)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer))
 
 
 def instrument(trainer, timer: PhaseTimer, steps_out: list[dict], lengths: list[int]) -> None:
@@ -90,7 +107,7 @@ def instrument(trainer, timer: PhaseTimer, steps_out: list[dict], lengths: list[
     from transformers import TrainerCallback
 
     def logps_phase(model, *args, **kwargs):
-        if model is trainer.ref_model:
+        if model is trainer.ref_model or (trainer.ref_model is None and adapters_disabled(model)):
             return "reference"
         # With grad on this is the update's own forward, charged to "update" through the wall clock.
         return None if torch.is_grad_enabled() else "old_policy"

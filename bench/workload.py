@@ -129,11 +129,13 @@ def load_prompts(n: int, source: str = DEFAULT_GSM8K, split: str = "train") -> l
     return [{"prompt": build_prompt(r["question"]), "answer": r["expected"]} for r in records[:n]]
 
 
-# The three settings of the benchmark; "mu" is the number of policy updates per rollout batch.
+# The settings of the benchmark; "mu" is the number of policy updates per rollout batch. "lora" holds
+# grpo_lightning.lora.LoRA options, which both sides turn into the same peft LoraConfig.
 SETTINGS = {
     "a": dict(prompts=2, generations=4, new_tokens=64, mu=1, beta=0.04),
     "b": dict(prompts=2, generations=4, new_tokens=64, mu=3, beta=0.04),
     "c": dict(prompts=4, generations=8, new_tokens=128, mu=1, beta=0.04),
+    "a-lora": dict(prompts=2, generations=4, new_tokens=64, mu=1, beta=0.04, lora=dict(r=16, alpha=32.0)),
 }
 # Shared by both sides: the seed's optimiser and clipping values.
 LR, CLIP_EPS, TEMPERATURE, GRAD_CLIP = 5e-6, 0.1, 1.0, 0.1

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
-from bench import logprob_memory, run, timing  # noqa: E402
+from bench import logprob_memory, ours_side, run, timing, workload  # noqa: E402
 
 
 def test_project_logprobs_match_the_full_log_softmax():
@@ -49,3 +49,20 @@ def test_trl_reward_signature():
 
     # exact answer 2.0 + two tags 0.4; no tags at all 0.0
     assert trl_reward(["p", "p"], ["<answer>72</answer>", "72"], ["72", "72"]) == pytest.approx([2.4, 0.0])
+
+
+def test_a_lora_gives_both_sides_the_same_adapters(tiny_model_dir):
+    trl_side = pytest.importorskip("bench.trl_side")
+    from grpo_lightning.lora import DEFAULT_TARGET_MODULES
+
+    setting = workload.SETTINGS["a-lora"]
+    config = trl_side.trl_peft_config(setting)
+    assert (config.r, config.lora_alpha) == (16, 32.0) and set(config.target_modules) == set(DEFAULT_TARGET_MODULES)
+    assert trl_side.trl_peft_config(workload.SETTINGS["a"]) is None
+    module = ours_side.build(tiny_model_dir, setting, False, 2, {})  # the bench's own builder, on the tiny model
+    assert module.policy.peft_config["default"].to_dict() == config.to_dict() | {"base_model_name_or_path": str(tiny_model_dir)}
+    assert module.reference is None
+    # TRL's LoRA reference pass is the policy with adapters off: the timer must see it as the reference
+    with module.policy.disable_adapter():
+        assert trl_side.adapters_disabled(module.policy)
+    assert not trl_side.adapters_disabled(module.policy)
