@@ -12,6 +12,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+import pytest
+
 import grpo_lightning
 from grpo_lightning.cli import run
 from test_train import make_config
@@ -41,7 +43,8 @@ def test_caller_skips_frames_that_pass_the_call_along():
     assert caller_of([frame(f) for f in lightning_internal]).endswith("lightning/pytorch/utilities/_pytree.py")
 
 
-def test_short_fit_makes_no_deprecated_calls(tmp_path, tiny_model_dir, gsm8k_dir, caplog):
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_short_fit_makes_no_deprecated_calls(tmp_path, tiny_model_dir, gsm8k_dir, caplog, lora):
     caught: list[tuple[str, str, str]] = []  # (category, caller file, message)
 
     def record(message, category, filename, lineno, file=None, line=None):
@@ -49,7 +52,7 @@ def test_short_fit_makes_no_deprecated_calls(tmp_path, tiny_model_dir, gsm8k_dir
             stack = traceback.extract_stack()[:-1]  # without this hook's own frame
             caught.append((category.__name__, caller_of(stack), str(message)))
 
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "warnings")
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "warnings", **({"lora": lora} if lora else {}))
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
         warnings.showwarning = record
