@@ -170,10 +170,11 @@ def sequence_logprobs(
 def decoder(model: Any) -> Any:
     """The decoder stack without the LM head, through any wrapper.
 
-    Not ``model.base_model``: on a peft model that is the LoRA wrapper, whose forward adds the LM head.
-    The adapters live inside the decoder's layers, so calling the decoder applies them.
+    ``base_model`` of the ``transformers`` model, not of ``model``: on a peft model that is the LoRA wrapper,
+    whose forward adds the LM head. The adapters live inside the decoder's layers, so calling the decoder
+    applies them. (Not ``get_decoder()``: transformers 4.56 returns None for Qwen2 there.)
     """
-    return model.get_decoder()
+    return causal_lm(model).base_model
 
 
 def causal_lm(model: Any) -> Any:

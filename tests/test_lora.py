@@ -60,7 +60,7 @@ def test_only_adapters_train_on_every_projection(tiny_model_dir):
     assert trainable and all("lora_" in n for n in trainable)
     # 2 layers × 7 projections × (A, B)
     assert len(trainable) == 2 * 7 * 2
-    assert type(decoder(model)).__name__ == "Qwen2Model"  # not peft's LoraModel (model.base_model)
+    assert type(decoder(model)).__name__ == "Qwen2Model"  # not peft's LoraModel (the wrapper's base_model)
 
 
 def test_logprobs_go_through_the_adapters(tiny_model_dir):
