@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics.classification import BinaryAccuracy
 from tqdm.auto import tqdm
 
+from grpo_lightning.distributed import gather_objects, interleave
 from grpo_lightning.lora import is_lora, save_lora
 
 
@@ -63,9 +64,11 @@ class AccuracyCallback(L.Callback):
             correct = torch.tensor([r["correct"] for r in batch_rows], device=module.device)
             metric.update(correct, torch.ones_like(correct))
             rows += batch_rows
-        accuracy = metric.compute().item()  # synchronised across processes
-        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        write_jsonl(_log_dir(trainer) / f"eval_{stage}{suffix}.jsonl", rows)
+        accuracy = metric.compute().item()  # counts summed over processes: the accuracy of every example
+        # Each process evaluated its own examples, none twice (the loader's sampler): one file holds them all.
+        rows = interleave(gather_objects(trainer.strategy, rows))
+        if trainer.is_global_zero:
+            write_jsonl(_log_dir(trainer) / f"eval_{stage}.jsonl", rows)
         return accuracy
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -255,4 +256,12 @@ class GSM8KDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.eval_records, batch_size=self.hparams.eval_batch_size, collate_fn=collate)
+        sampler = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Process r evaluates examples r, r + W, ...: each exactly once. (Lightning's default for evaluation,
+            # a DistributedSampler, pads the last round with repeats, which an accuracy would count twice.)
+            sampler = UnrepeatedDistributedSampler(
+                self.eval_records, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(self.eval_records, batch_size=self.hparams.eval_batch_size, collate_fn=collate, sampler=sampler)

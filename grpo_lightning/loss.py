@@ -23,29 +23,35 @@ from torch import Tensor
 ADVANTAGE_EPS = 1e-4  # the seed's guard against a zero standard deviation
 
 
-def _group_std(grouped: Tensor) -> Tensor:
+# Each scale sees this process's groups [B, G] and the whole step's rewards (every process's, [B_all*G]).
+def _group_std(grouped: Tensor, step_rewards: Tensor) -> Tensor:
     return grouped.std(dim=1, keepdim=True)  # [B, 1], unbiased (n − 1), as the seed
 
 
-def _batch_std(grouped: Tensor) -> Tensor:
-    return grouped.std()  # [], one scale for every group (TRL's scale_rewards="batch")
+def _batch_std(grouped: Tensor, step_rewards: Tensor) -> Tensor:
+    return step_rewards.std()  # [], one scale for every group of the step (TRL's scale_rewards="batch")
 
 
-def _no_scale(grouped: Tensor) -> None:
+def _no_scale(grouped: Tensor, step_rewards: Tensor) -> None:
     return None  # Dr. GRPO: dividing by a group's std favours groups that are nearly all right or all wrong
 
 
 # scale_rewards name → the std that centred rewards are divided by (None: not divided)
-REWARD_SCALES: dict[str, Callable[[Tensor], Tensor | None]] = {"group": _group_std, "batch": _batch_std, "none": _no_scale}
+REWARD_SCALES: dict[str, Callable[[Tensor, Tensor], Tensor | None]] = {
+    "group": _group_std, "batch": _batch_std, "none": _no_scale,
+}
 
 
-def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str = "group") -> Tensor:
+def group_advantages(
+    rewards: Tensor, num_generations: int, scale_rewards: str = "group", step_rewards: Tensor | None = None
+) -> Tensor:
     """(r − mean of its group) / (std + 1e-4), for rewards ordered group by group.
 
     rewards: [B*G], the G completions of each prompt adjacent. Returns [B*G]. ``scale_rewards`` picks the
     std: ``group`` (the seed: each group's own), ``batch`` (one std over all B*G rewards) or ``none``
     (no division). A group whose rewards are all equal gets advantage 0 under every choice: it carries no
-    signal about which sample is better.
+    signal about which sample is better. ``step_rewards`` are the rewards of the whole step when it spans
+    several processes (``batch`` takes its std over them); ``None``: ``rewards`` are the whole step.
     """
     if num_generations < 2:
         raise ValueError(f"num_generations must be at least 2 to compare samples within a group, got {num_generations}")
@@ -55,7 +61,7 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str =
         raise ValueError(f"scale_rewards must be one of {sorted(REWARD_SCALES)}, got {scale_rewards!r}")
     grouped = rewards.view(-1, num_generations)  # [B, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    scale = REWARD_SCALES[scale_rewards](grouped)
+    scale = REWARD_SCALES[scale_rewards](grouped, rewards if step_rewards is None else step_rewards)
     advantages = centred if scale is None else centred / (scale + ADVANTAGE_EPS)
     return advantages.view(-1)
 

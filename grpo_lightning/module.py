@@ -20,6 +20,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
+from grpo_lightning.distributed import (
+    gather_objects, gather_rows, gradient_scale, interleave, no_backward_sync, sum_over_processes,
+)
 from grpo_lightning.lora import LoRA, add_lora, adapters_off
 from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, grpo_loss, token_mean_part
 from grpo_lightning.precision import rounding_warning
@@ -218,23 +221,39 @@ class GRPOModule(L.LightningModule):
         if message:
             rank_zero_warn(message)
 
+    @property
+    def _strategy(self) -> Any:
+        return self._trainer.strategy if self._trainer is not None else None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Sampling draws from the global generators: keep their state so a resumed run samples what the
-        # uninterrupted run would have. (With several processes this is the saving process's state.)
-        checkpoint["rng_states"] = {
+        # uninterrupted run would have. Every process samples its own prompts with its own state, so the
+        # checkpoint holds one state per process (every process runs this hook; the saving one writes the file).
+        state = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python": random.getstate(),
         }
+        checkpoint["rng_states"] = gather_objects(self._strategy, state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
         if states is None:
             return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-        random.setstate(states["python"])
+        states = [states] if isinstance(states, dict) else states  # a checkpoint of one process, older layout
+        rank = self.global_rank if self._trainer is not None else 0
+        if len(states) != max(1, self.trainer.world_size if self._trainer is not None else 1):
+            rank_zero_warn(
+                f"the checkpoint holds the random states of {len(states)} processes, this run has "
+                f"{self.trainer.world_size}: sampling will not repeat what the stopped run would have drawn"
+            )
+        if rank >= len(states):
+            return
+        state = states[rank]
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        random.setstate(state["python"])
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
@@ -294,9 +313,10 @@ class GRPOModule(L.LightningModule):
     def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
         """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
         hp = self.hparams
-        data = prepare_batch(rollout, scores, hp.num_generations, hp.scale_rewards, hp.mask_truncated_completions)
-        # With several processes, num_sequences and num_tokens would be summed over processes here (and the
-        # loss scaled by their number, which averages gradients) to keep the loss independent of it.
+        # With several processes the step is every process's rows: counts, the batch reward scale and the
+        # logged metrics come from all of them (one gather), so the loss does not depend on their number.
+        gather = lambda columns: gather_rows(self._strategy, columns)  # noqa: E731
+        data = prepare_batch(rollout, scores, hp.num_generations, hp.scale_rewards, hp.mask_truncated_completions, gather)
         data.ref_logp = self._reference_logprobs(rollout)
         return data
 
@@ -307,29 +327,36 @@ class GRPOModule(L.LightningModule):
         old policy's: later updates take their ratio against them (at μ = 1 the ratio is exactly 1). Each
         chunk's loss and statistics are already its part of the step's (the denominators are the step's
         counts), so they are summed: the gradient is that of the uncut step.
+
+        With several processes each one runs its own rows; the denominators count every process's rows, so the
+        parts sum over processes too. DDP and FSDP average gradients over processes, hence the loss is scaled
+        by their number, and every chunk but the last skips the gradient all-reduce (one per optimizer step).
         """
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         rollout, mask, ref_logp = data.rollout, data.loss_mask, data.ref_logp
-        N = data.num_sequences
-        per = hp.rows_per_update or N
-        old_logp = torch.zeros(mask.shape, device=self.device) if hp.mu > 1 else None  # [N, C]
+        N = data.num_sequences  # the whole step's rows, every process's
+        n = mask.shape[0]  # this process's rows
+        per = hp.rows_per_update or n
+        scale = gradient_scale(self._strategy)
+        old_logp = torch.zeros(mask.shape, device=self.device) if hp.mu > 1 else None  # [n, C]
         totals: dict[str, torch.Tensor] = {}
         for update in range(hp.mu):
             optimizer.zero_grad()
             totals = {}
-            for start in range(0, N, per):
+            for start in range(0, n, per):
                 rows = slice(start, start + per)
-                logp, entropy = self._logprobs(self.policy, rollout, rows, with_entropy=True)  # [rows, C] each
-                if update == 0 and old_logp is not None:
-                    old_logp[rows] = logp.detach()
-                loss, stats = grpo_loss(
-                    logp, None if update == 0 else old_logp[rows], None if ref_logp is None else ref_logp[rows],
-                    data.advantages[rows], mask[rows], hp.clip_eps, hp.beta,
-                    epsilon_high=hp.epsilon_high, loss_type=hp.loss_type, max_new_tokens=hp.max_new_tokens,
-                    num_sequences=N, num_tokens=data.num_tokens,
-                )
-                self.manual_backward(loss)
+                with no_backward_sync(self._strategy, enabled=start + per < n):
+                    logp, entropy = self._logprobs(self.policy, rollout, rows, with_entropy=True)  # [rows, C] each
+                    if update == 0 and old_logp is not None:
+                        old_logp[rows] = logp.detach()
+                    loss, stats = grpo_loss(
+                        logp, None if update == 0 else old_logp[rows], None if ref_logp is None else ref_logp[rows],
+                        data.advantages[rows], mask[rows], hp.clip_eps, hp.beta,
+                        epsilon_high=hp.epsilon_high, loss_type=hp.loss_type, max_new_tokens=hp.max_new_tokens,
+                        num_sequences=N, num_tokens=data.num_tokens,
+                    )
+                    self.manual_backward(loss if scale == 1 else loss * scale)
                 stats = {"loss": loss.detach(), **stats, "entropy": token_mean_part(entropy, mask[rows], data.num_tokens)}
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0) + value
@@ -338,14 +365,16 @@ class GRPOModule(L.LightningModule):
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-        return totals  # statistics of the last of the μ updates
+        return sum_over_processes(self._strategy, totals)  # statistics of the last of the μ updates, whole step
 
     def _log_step(self, data: GRPOBatch, stats: dict) -> None:
+        # Every value but the timings (this process's) is already the whole step's, the same on every process.
         N = data.num_sequences
-        self.log("reward", data.rewards.mean(), prog_bar=True, batch_size=N)
+        metrics = step_metrics(data)
+        self.log("reward", metrics.pop("reward"), prog_bar=True, batch_size=N)
         lr = torch.tensor(self.optimizers().param_groups[0]["lr"])
         timings = {f"time/{k}": torch.tensor(v) for k, v in self.timings.items()}
-        self.log_dict({**step_metrics(data), "lr": lr, **stats, **timings}, batch_size=N)
+        self.log_dict({**metrics, "lr": lr, **stats, **timings}, batch_size=N)
 
     def _log_samples(self, step: int, batch: dict, rollout: Rollout, rewards: list[float]) -> None:
         every = self.hparams.log_samples_every_n_steps
@@ -390,7 +419,8 @@ class GRPOModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         from grpo_lightning.callbacks import write_jsonl
 
+        # each process evaluated its own examples (the loader's sampler splits them without repeats)
+        rows = interleave(gather_objects(self._strategy, self.val_rows))
         log_dir = self.trainer.log_dir
-        if log_dir is not None and self.val_rows:
-            suffix = f"_rank{self.global_rank}" if self.trainer.world_size > 1 else ""
-            write_jsonl(Path(log_dir) / f"validate_examples{suffix}.jsonl", self.val_rows)
+        if log_dir is not None and rows and self.trainer.is_global_zero:
+            write_jsonl(Path(log_dir) / "validate_examples.jsonl", rows)

@@ -4,11 +4,17 @@
 rewards before any update runs. In particular it carries the step-wide counts that every loss type divides
 by, so that however the updates cut the rows into chunks (``rows_per_update``), the chunks' losses add up
 to the loss of the whole step.
+
+With several processes a step is the rows of every process: :func:`prepare_batch` takes a ``gather`` that
+turns this process's per-row values into the whole step's (one collective), and the counts, the batch reward
+scale and the logged metrics come from those, so each process divides by the same step-wide counts and logs
+the same step-wide values that one process holding all the rows would.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +38,17 @@ class GRPOBatch:
     num_tokens: int  # masked-in tokens of the whole step, the denominator of token means
     frac_reward_zero_std: Tensor  # [] share of groups whose rewards are all equal
     ref_logp: Tensor | None = None  # [N, C] reference log-probs, filled in when β ≠ 0
+    # the step's per-row values over every process ([W*N] each; this process's N rows with one process):
+    # "reward", "length", "truncated", "tokens", and "reward/<function>" (NaN where it did not apply)
+    step_rows: dict[str, Tensor] = field(default_factory=dict)
+
+
+# this process's per-row columns → the whole step's, every process's rows concatenated
+Gather = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def _alone(columns: dict[str, Tensor]) -> dict[str, Tensor]:
+    return columns  # one process: its rows are the whole step
 
 
 def score_rollout(
@@ -59,32 +76,59 @@ def prepare_batch(
     num_generations: int,
     scale_rewards: str = "group",
     mask_truncated_completions: bool = False,
+    gather: Gather = _alone,
 ) -> GRPOBatch:
-    """Rewards → advantages, the loss mask, and the step's counts, counted here, before any chunk runs."""
+    """Rewards → advantages, the loss mask, and the step's counts, counted here, before any chunk runs.
+
+    ``gather`` maps this process's per-row columns to the whole step's (see the module docstring).
+    """
     mask = rollout.completion_mask
     rewards = torch.tensor(scores.total, dtype=torch.float32, device=mask.device)  # [N]
     if mask_truncated_completions:
         mask = drop_truncated(mask, rollout.truncated)
+    nan = float("nan")
+    columns = {
+        "reward": rewards,
+        "length": rollout.completion_mask.sum(dim=1).float(),
+        "truncated": rollout.truncated.float(),
+        "tokens": mask.sum(dim=1).float(),
+        **{f"reward/{name}": torch.tensor([nan if v is None else v for v in values], dtype=torch.float64, device=mask.device)
+           for name, values in scores.per_function.items()},
+    }
+    step_rows = gather({k: v.to(mask.device) for k, v in columns.items()})
+    step_rewards = step_rows["reward"]  # [W*N]
     return GRPOBatch(
         rollout=rollout,
         scores=scores,
         rewards=rewards,
-        advantages=group_advantages(rewards, num_generations, scale_rewards),
+        advantages=group_advantages(rewards, num_generations, scale_rewards, step_rewards),
         loss_mask=mask,
-        num_sequences=mask.shape[0],
-        num_tokens=int(mask.sum()),
-        frac_reward_zero_std=frac_reward_zero_std(rewards, num_generations),
+        num_sequences=step_rewards.shape[0],
+        num_tokens=int(step_rows["tokens"].sum()),
+        frac_reward_zero_std=frac_reward_zero_std(step_rewards, num_generations),
+        step_rows=step_rows,
     )
 
 
 def step_metrics(data: GRPOBatch) -> dict[str, Tensor]:
-    """The step's reward and completion statistics, as logged (``reward/<function>``: its unweighted mean)."""
-    lengths = data.rollout.completion_mask.sum(dim=1).float()  # [N]
+    """The step's reward and completion statistics over every process, as logged.
+
+    ``reward/<function>`` is its unweighted mean over the completions it applied to (left out when none).
+    """
+    rows = data.step_rows
+    lengths = rows["length"]  # [W*N]
+    per_function = {}
+    for name in data.scores.per_function:
+        values = rows[f"reward/{name}"]
+        applied = values[~values.isnan()]
+        if applied.numel():
+            per_function[f"reward/{name}"] = applied.mean().float()
     return {
-        "reward/std": data.rewards.std(),
-        **{f"reward/{name}": torch.tensor(mean) for name, mean in data.scores.means().items()},
+        "reward": rows["reward"].mean(),
+        "reward/std": rows["reward"].std(),
+        **per_function,
         "frac_reward_zero_std": data.frac_reward_zero_std,
         "completion/length_mean": lengths.mean(),
         "completion/length_max": lengths.max(),
-        "completion/truncated_fraction": data.rollout.truncated.float().mean(),
+        "completion/truncated_fraction": rows["truncated"].mean(),
     }
