@@ -67,8 +67,9 @@ class AccuracyCallback(L.Callback):
         accuracy = metric.compute().item()  # counts summed over processes: the accuracy of every example
         # Each process evaluated its own examples, none twice (the loader's sampler): one file holds them all.
         rows = interleave(gather_objects(trainer.strategy, rows))
+        log_dir = _log_dir(trainer)  # on every process: trainer.log_dir broadcasts
         if trainer.is_global_zero:
-            write_jsonl(_log_dir(trainer) / f"eval_{stage}.jsonl", rows)
+            write_jsonl(log_dir / f"eval_{stage}.jsonl", rows)
         return accuracy
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:

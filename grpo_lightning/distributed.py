@@ -10,13 +10,16 @@ per process, and each helper here does one of them through the strategy's own co
   :func:`gradient_scale`, and accumulation chunks skip the all-reduce (:func:`no_backward_sync`);
 - evaluation: each process evaluates its own examples, and :func:`gather_objects` / :func:`interleave`
   put the rows back in the order of the evaluation set;
-- random states: every process's own, saved and restored (:func:`gather_objects`).
+- random states: every process's own, seeded apart (:func:`seed_this_process`), saved and restored
+  (:func:`gather_objects`).
 
 With one process every helper is the identity, so a single-process run does exactly what it did before.
 """
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,6 +79,19 @@ def sum_over_processes(strategy: Any, values: dict[str, Tensor]) -> dict[str, Te
     stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64) for k in names])
     total = strategy.reduce(stacked.clone(), reduce_op="sum")
     return {k: total[i].to(torch.as_tensor(values[k]).dtype) for i, k in enumerate(names)}
+
+
+def seed_this_process(rank: int) -> None:
+    """Seed process r > 0 with ``seed_everything``'s seed + r (process 0, and a single process, keep theirs).
+
+    ``seed_everything`` gives every process the same seed, so processes would draw the same random numbers
+    for their different prompts; sampling should be independent across processes.
+    """
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    if rank == 0 or seed is None:
+        return
+    torch.manual_seed(int(seed) + rank)  # every device's generator too
+    random.seed(int(seed) + rank)
 
 
 def gather_objects(strategy: Any, obj: Any) -> list[Any]:

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from grpo_lightning.distributed import (
-    gather_objects, gather_rows, gradient_scale, interleave, no_backward_sync, sum_over_processes,
+    gather_objects, gather_rows, gradient_scale, interleave, no_backward_sync, seed_this_process, sum_over_processes,
 )
 from grpo_lightning.lora import LoRA, add_lora, adapters_off
 from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, grpo_loss, token_mean_part
@@ -220,6 +220,10 @@ class GRPOModule(L.LightningModule):
         message = rounding_warning(self.optimizers().param_groups)
         if message:
             rank_zero_warn(message)
+
+    def setup(self, stage: str) -> None:
+        # Before a checkpoint's random states are restored: every process samples from its own stream.
+        seed_this_process(self.global_rank)
 
     @property
     def _strategy(self) -> Any:

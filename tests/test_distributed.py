@@ -1,0 +1,212 @@
+"""Two CPU processes on Lightning's DDP strategy (gloo): the step, evaluation and resuming are those of one process.
+
+Each fixture launches ``tests/ddp_probe.py`` once; Lightning's launcher starts the second process, and both run
+the same plan of ``grpo-lightning`` commands. :class:`ddp_probe.Probe` saves what each process ends with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from grpo_lightning.cli import run
+
+TESTS = Path(__file__).resolve().parent
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+
+
+def config(tmp_path: Path, name: str, **model: object) -> Path:
+    """The packaged warmed-up tiny model on the arithmetic task: its greedy accuracy is far from 0 and 1."""
+    cfg = {
+        "seed_everything": 0,
+        "torch_threads": 1,
+        "trainer": {
+            "accelerator": "cpu", "max_steps": 8, "default_root_dir": str(tmp_path / name),
+            "enable_model_summary": False, "enable_progress_bar": False,
+        },
+        "model": {
+            "model_name_or_path": "builtin:tiny-arithmetic", "dtype": "float32", "num_generations": 4,
+            "max_new_tokens": 16, "eval_max_new_tokens": 32, "mu": 2, "rows_per_update": 4,
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 5e-5}}, **model,
+        },
+        "data": {"source": "task:arithmetic", "batch_size": 2, "eval_size": 9, "eval_batch_size": 1, "seed": 0},
+        "checkpoint": {"dirpath": str(tmp_path / name / "ckpt"), "every_n_train_steps": 2},
+        "export": {"export_dir": str(tmp_path / name / "export")},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def probe(out: Path) -> list[str]:
+    return ["--trainer.callbacks+=ddp_probe.Probe", f"--trainer.callbacks.out={out}"]
+
+
+def launch(tmp_path: Path, plan: list[list[str]]) -> None:
+    """Run the plan in two processes (Lightning's DDP launcher); fail with the processes' output."""
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "ddp_probe.py"), str(plan_file)], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def ranks(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# --- a fit, resumed, evaluated -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Two processes: a fit of 4 rollout steps × μ 2; the same stopped after 2 and resumed; validate the result."""
+    tmp = tmp_path_factory.mktemp("ddp_fit")
+    full, part = config(tmp, "full"), config(tmp, "part")
+    launch(tmp, [
+        ["fit", "--config", str(full), *DDP, *probe(tmp / "out" / "full")],
+        ["fit", "--config", str(part), *DDP, "--trainer.max_steps", "4", *probe(tmp / "out" / "part")],
+        ["fit", "--config", str(part), *DDP, "--ckpt_path", "last", "--export.export_dir", str(tmp / "resumed"),
+         *probe(tmp / "out" / "resumed")],
+        ["validate", "--config", str(full), *DDP, "--model.model_name_or_path", str(tmp / "full" / "export"),
+         "--trainer.default_root_dir", str(tmp / "validate")],
+    ])
+    return tmp
+
+
+def test_ranks_agree_bit_for_bit(trained):
+    # μ = 2 and rows_per_update 4 of a process's 8 rows: two accumulation chunks per optimizer step
+    zero, one = ranks(trained / "out" / "full")
+    assert zero["global_step"] == one["global_step"] == 8 and zero["world_size"] == 2
+    assert largest_difference(zero["params"], one["params"]) == 0.0
+
+
+def test_one_gradient_all_reduce_per_optimizer_step(trained):
+    zero, one = ranks(trained / "out" / "full")
+    # 8 optimizer steps of 2 chunks each: without no-sync chunks DDP would reduce gradients 16 times
+    assert zero["syncs"] == one["syncs"] == 8
+    # each synchronisation all-reduces DDP's buckets of this 0.85M-parameter model: one or two (its first bucket
+    # holds at most 1 MB); without no-sync chunks there would be about twice as many
+    assert zero["allreduces"] == one["allreduces"] <= 2 * 8
+
+
+def test_resumed_run_is_bit_identical_on_every_rank(trained):
+    full, part, resumed = (ranks(trained / "out" / name) for name in ("full", "part", "resumed"))
+    assert [r["global_step"] for r in part] == [4, 4] and [r["global_step"] for r in resumed] == [8, 8]
+    for rank in range(2):
+        assert largest_difference(full[rank]["params"], part[rank]["params"]) > 0  # the stop was before the end
+        assert largest_difference(full[rank]["params"], resumed[rank]["params"]) == 0.0, f"rank {rank}"
+    ckpt = torch.load(trained / "part" / "ckpt" / "last.ckpt", weights_only=False)
+    states = ckpt["rng_states"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # each process's own
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluation_is_sharded_exactly(trained, tmp_path):
+    """Each example once; the accuracy equals that of one process evaluating the same model on the same examples."""
+    log_dir = trained / "full" / "lightning_logs" / "version_0"
+    assert sorted(p.name for p in log_dir.glob("*.jsonl")) == ["eval_after.jsonl", "eval_before.jsonl"]
+    after = _jsonl(log_dir / "eval_after.jsonl")
+    # one process alone, on the model the two-process run exported
+    single = run(["validate", "--config", str(config(trained, "full")), "--trainer.default_root_dir", str(tmp_path),
+                  "--model.model_name_or_path", str(trained / "full" / "export")])
+    alone = _jsonl(Path(single.trainer.log_dir) / "validate_examples.jsonl")
+    assert len(alone) == 9 and after == alone  # every example once, in order, with the same completion
+    accuracy = single.trainer.callback_metrics["val/accuracy"].item()
+    assert 0 < accuracy < 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert events.Scalars("eval/accuracy_after")[-1].value == accuracy
+    # the two-process validate: one file, the same rows
+    two = _jsonl(trained / "validate" / "lightning_logs" / "version_0" / "validate_examples.jsonl")
+    assert two == alone
+
+
+# --- one update on given rollouts: two processes against one ------------------------------------------------
+
+VARIANTS = {
+    "grpo": [],
+    "bnpo": ["--model.loss_type", "bnpo"],
+    "dr_grpo": ["--model.loss_type", "dr_grpo"],
+    "dapo": ["--model.loss_type", "dapo", "--model.mask_truncated_completions", "true"],
+    "batch": ["--model.scale_rewards", "batch"],
+}
+# every metric the step logs from rewards, completions and the loss (the timings are each process's own)
+LOGGED = [
+    "reward", "reward/std", "reward/by_length", "reward/odd_lengths", "frac_reward_zero_std", "kl", "entropy",
+    "clip_fraction", "clip_fraction/low", "clip_fraction/high", "ratio", "loss", "completion/length_mean",
+    "completion/length_max", "completion/truncated_fraction",
+]
+
+
+def fixed_args(tmp: Path, variant: str, rollout: Path) -> list[str]:
+    # SGD: the weights move by the gradient itself (Adam's first step, lr · g / (|g| + ε), would
+    # magnify float rounding); μ = 2 so the second update takes a ratio against the first's log-probs.
+    return [
+        "fit", "--config", str(config(tmp, variant)), "--trainer.max_steps", "2", "--eval.before", "false",
+        "--eval.after", "false", "--model.max_new_tokens", "22", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05",
+        "--model.grad_clip", "1.0", "--model.clip_eps", "0.01", "--model.reward_funcs", '["ddp_probe.by_length", "ddp_probe.odd_lengths"]',
+        "--trainer.callbacks+=ddp_probe.FixedRollouts", f"--trainer.callbacks.path={rollout}", *VARIANTS[variant],
+    ]
+
+
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory) -> Path:
+    """16 sampled rows (4 prompts × 4); two processes update on 8 each, once per variant."""
+    from grpo_lightning.data import load_records
+    from grpo_lightning.module import load_model_and_tokenizer
+    from grpo_lightning.rollout import generate_rollout
+
+    tmp = tmp_path_factory.mktemp("ddp_fixed")
+    model, tokenizer = load_model_and_tokenizer("builtin:tiny-arithmetic", "float32")
+    from grpo_lightning.answer_format import build_prompt
+
+    questions = [r["question"] for r in load_records("task:arithmetic", "train")[:4]]
+    torch.manual_seed(0)
+    rollout = generate_rollout(model.eval(), tokenizer, [build_prompt(q) for q in questions], 4, 22)
+    assert 0 < rollout.truncated.sum() < 16  # some rows end, some are cut off (dapo masks those)
+    torch.save(dataclasses.asdict(rollout), tmp / "rollout.pt")
+    launch(tmp, [[*fixed_args(tmp, v, tmp / "rollout.pt"), *DDP, *probe(tmp / "out" / v)] for v in VARIANTS])
+    return tmp
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_processes_update_as_one_over_all_rows(fixed, tmp_path, variant):
+    from grpo_lightning.tiny import resolve_model_path
+    from transformers import AutoModelForCausalLM
+
+    # one process holding all 16 rows (4 prompts per step)
+    run([*fixed_args(tmp_path, variant, fixed / "rollout.pt"), "--data.batch_size", "4", *probe(tmp_path / "one")])
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
+    zero, other = ranks(fixed / "out" / variant)
+    assert largest_difference(zero["params"], other["params"]) == 0.0
+    initial = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-arithmetic")).state_dict()
+    moved = largest_difference(one["params"], {k: initial[k] for k in one["params"]})
+    differ = largest_difference(zero["params"], one["params"])
+    assert moved > 1e-3 and differ < 1e-6, (moved, differ)
+    # the metrics logged are the whole step's, not rank 0's
+    two_logged, one_logged = zero["logged"][-1], one["logged"][-1]
+    for tag in LOGGED:
+        assert two_logged[tag] == pytest.approx(one_logged[tag], abs=1e-6), tag
+    # one gradient synchronisation per optimizer step: 2 steps, 2 chunks each
+    assert zero["syncs"] == other["syncs"] == 2
