@@ -210,3 +210,45 @@ def test_two_processes_update_as_one_over_all_rows(fixed, tmp_path, variant):
         assert two_logged[tag] == pytest.approx(one_logged[tag], abs=1e-6), tag
     # one gradient synchronisation per optimizer step: 2 steps, 2 chunks each
     assert zero["syncs"] == other["syncs"] == 2
+
+
+# --- the pieces alone, one process simulating two -----------------------------------------------------------
+
+
+def test_interleave_undoes_the_round_robin_split():
+    from grpo_lightning.distributed import interleave
+
+    assert interleave([[0, 2, 4], [1, 3]]) == [0, 1, 2, 3, 4]  # 5 examples on 2 processes: 3 and 2, no repeat
+    assert interleave([["a"]]) == ["a"]
+
+
+def test_prepare_batch_counts_and_scales_over_the_gathered_step():
+    """Process 0 holds group 0, process 1 group 1; with the gather, each sees the whole step's counts and scale."""
+    from grpo_lightning.rollout import Rollout
+    from grpo_lightning.scoring import Scores
+    from grpo_lightning.step import prepare_batch, step_metrics
+
+    def rollout(lengths: list[int]) -> Rollout:
+        mask = torch.tensor([[1] * n + [0] * (3 - n) for n in lengths])  # [2, 3]
+        return Rollout(input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4), completion_mask=mask,
+                       prompt_length=1, completions=["", ""], truncated=torch.tensor([False, False]))
+
+    parts = [(rollout([1, 3]), Scores([0.0, 2.0], {"f": [0.0, None]})), (rollout([2, 2]), Scores([1.0, 1.5], {"f": [1.0, 1.5]}))]
+    alone = [prepare_batch(r, s, 2, "batch") for r, s in parts]  # each process's own columns
+
+    def gather(columns):
+        return {k: torch.cat([a.step_rows[k] for a in alone]) for k in columns}
+
+    whole = prepare_batch(
+        Rollout(input_ids=torch.zeros(4, 4, dtype=torch.long), attention_mask=torch.ones(4, 4),
+                completion_mask=torch.cat([r.completion_mask for r, _ in parts]), prompt_length=1,
+                completions=[""] * 4, truncated=torch.zeros(4, dtype=torch.bool)),
+        Scores([0.0, 2.0, 1.0, 1.5], {"f": [0.0, None, 1.0, 1.5]}), 2, "batch",
+    )
+    split = [prepare_batch(r, s, 2, "batch", gather=gather) for r, s in parts]
+    for data in split:
+        assert (data.num_sequences, data.num_tokens) == (4, 8)  # every process's rows and tokens
+        assert step_metrics(data) == step_metrics(whole)  # reward/f: mean of 0, 1, 1.5 (None left out)
+    # the batch scale: one std over all four rewards, not each process's two
+    assert torch.equal(torch.cat([d.advantages for d in split]), whole.advantages)
+    assert not torch.equal(torch.cat([a.advantages for a in alone]), whole.advantages)
