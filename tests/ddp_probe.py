@@ -51,6 +51,7 @@ class Probe(L.Callback):
             self.syncs += bucket.is_last()
             return allreduce_hook(None, bucket)
 
+        self.initial = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             trainer.strategy.model.register_comm_hook(None, counting_hook)
 
@@ -61,6 +62,7 @@ class Probe(L.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
+                "initial": self.initial,
                 "params": {k: v.detach().clone() for k, v in module.policy.state_dict().items()},
                 "allreduces": self.allreduces,
                 "syncs": self.syncs,
