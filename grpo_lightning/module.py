@@ -9,6 +9,7 @@ optimizer step is explicit and ``global_step`` counts them: steps × μ).
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 from collections.abc import Sequence
@@ -245,11 +246,11 @@ class GRPOModule(L.LightningModule):
         if states is None:
             return
         states = [states] if isinstance(states, dict) else states  # a checkpoint of one process, older layout
-        rank = self.global_rank if self._trainer is not None else 0
-        if len(states) != max(1, self.trainer.world_size if self._trainer is not None else 1):
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if len(states) != world:
             rank_zero_warn(
-                f"the checkpoint holds the random states of {len(states)} processes, this run has "
-                f"{self.trainer.world_size}: sampling will not repeat what the stopped run would have drawn"
+                f"the checkpoint holds the random states of {len(states)} processes, this run has {world}: "
+                "sampling will not repeat what the stopped run would have drawn"
             )
         if rank >= len(states):
             return
@@ -319,8 +320,10 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         # With several processes the step is every process's rows: counts, the batch reward scale and the
         # logged metrics come from all of them (one gather), so the loss does not depend on their number.
-        gather = lambda columns: gather_rows(self._strategy, columns)  # noqa: E731
-        data = prepare_batch(rollout, scores, hp.num_generations, hp.scale_rewards, hp.mask_truncated_completions, gather)
+        data = prepare_batch(
+            rollout, scores, hp.num_generations, hp.scale_rewards, hp.mask_truncated_completions,
+            gather=functools.partial(gather_rows, self._strategy),
+        )
         data.ref_logp = self._reference_logprobs(rollout)
         return data
 

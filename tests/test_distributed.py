@@ -249,3 +249,18 @@ def test_prepare_batch_counts_and_scales_over_the_gathered_step():
     # the batch scale: one std over all four rewards, not each process's two
     assert torch.equal(torch.cat([d.advantages for d in split]), whole.advantages)
     assert not torch.equal(torch.cat([a.advantages for a in alone]), whole.advantages)
+
+
+def test_random_states_load_from_one_process_checkpoints_of_either_layout(tiny_model_dir):
+    import random
+
+    from grpo_lightning.module import GRPOModule
+
+    module = GRPOModule(str(tiny_model_dir), num_generations=2, beta=0.0)
+    torch.manual_seed(3)
+    state = {"torch": torch.get_rng_state(), "cuda": [], "python": random.getstate()}
+    expected = torch.rand(3)
+    for saved in (state, [state]):  # before several processes: one dict; now: one state per process
+        torch.manual_seed(4)
+        module.on_load_checkpoint({"rng_states": saved})
+        assert torch.equal(torch.rand(3), expected)
