@@ -2,7 +2,7 @@
 
 Each process samples and scores its own prompts (``PromptStream`` gives process r the batches r, r + W, ...),
 so one optimizer step covers the rows of every process. Four things then have to be global rather than
-per process, and each helper here does one of them through the strategy's own collectives:
+per process, and each function here does one of them through the strategy's own collectives:
 
 - the step's counts and rewards (the loss denominators, ``scale_rewards: batch`` and the logged metrics):
   :func:`gather_rows`, :func:`sum_over_processes`;
@@ -13,7 +13,7 @@ per process, and each helper here does one of them through the strategy's own co
 - random states: every process's own, seeded apart (:func:`seed_this_process`), saved and restored
   (:func:`gather_objects`).
 
-With one process every helper is the identity, so a single-process run does exactly what it did before.
+With one process every function is the identity, so a single-process run does exactly what it did before.
 """
 
 from __future__ import annotations
