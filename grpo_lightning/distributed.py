@@ -94,6 +94,23 @@ def seed_this_process(rank: int) -> None:
     random.seed(int(seed) + rank)
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random-number state (torch, CUDA, Python): what sampling draws from."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a state saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
 def gather_objects(strategy: Any, obj: Any) -> list[Any]:
     """Every process's ``obj`` (picklable), in process order; ``[obj]`` with one process."""
     if world_size(strategy) == 1:

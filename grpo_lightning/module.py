@@ -8,12 +8,9 @@ optimizer step is explicit and ``global_step`` counts them: steps × μ).
 
 from __future__ import annotations
 
-import copy
 import functools
-import random
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,41 +19,19 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from grpo_lightning.distributed import (
-    gather_objects, gather_rows, gradient_scale, interleave, no_backward_sync, seed_this_process, sum_over_processes,
+    gather_objects, gather_rows, gradient_scale, no_backward_sync, rng_state, seed_this_process, set_rng_state,
+    sum_over_processes,
 )
-from grpo_lightning.lora import LoRA, add_lora, adapters_off
+from grpo_lightning.lora import LoRA, adapters_off
 from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, grpo_loss, token_mean_part
+from grpo_lightning.evaluation import EvaluationMixin
+from grpo_lightning.models import build_policy, frozen_copy
 from grpo_lightning.precision import rounding_warning
-from grpo_lightning.rewards import extract_model_answer, is_correct
-from grpo_lightning.rollout import Rollout, causal_lm, generate_rollout, sequence_logprobs, set_checkpointing
+from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.step import GRPOBatch, prepare_batch, score_rollout, step_metrics
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a local directory, a hub id or ``builtin:NAME``; one clear error if none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from grpo_lightning.tiny import resolve_model_path
-
-    name_or_path = resolve_model_path(name_or_path)  # builtin:NAME → the packaged model's directory
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(f"model path {name_or_path} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
-    except OSError as e:
-        raise FileNotFoundError(f"could not load model '{name_or_path}' (no such directory, and not on the hub): {e}") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # the seed's choice; completion masks never rely on padding
-    return model, tokenizer
-
-
-class GRPOModule(L.LightningModule):
+class GRPOModule(EvaluationMixin, L.LightningModule):
     """GRPO fine-tuning of a causal language model.
 
     Args:
@@ -156,17 +131,10 @@ class GRPOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.policy, self.tokenizer = load_model_and_tokenizer(model_name_or_path, dtype)
-        if lora is not None:
-            self.policy = add_lora(self.policy, lora)
-        # from_pretrained returns eval mode and Lightning keeps the modes it finds; in eval mode gradient
-        # checkpointing would silently do nothing
-        self.policy.train()
-        if gradient_checkpointing:
-            set_checkpointing(self.policy, True)
-        if input_require_grads:
-            causal_lm(self.policy).enable_input_require_grads()
-        self.reference = None if beta == 0 or lora is not None else self._frozen_copy()
+        self.policy, self.tokenizer = build_policy(
+            model_name_or_path, dtype, lora, gradient_checkpointing, input_require_grads
+        )
+        self.reference = None if beta == 0 or lora is not None else frozen_copy(self.policy)
         self.timings: dict[str, float] = {}
 
     @staticmethod
@@ -188,11 +156,6 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"model.scale_rewards must be one of {sorted(REWARD_SCALES)}, got {scale_rewards!r}")
         if clip_eps < 0 or (epsilon_high is not None and epsilon_high < 0):
             raise ValueError(f"model.clip_eps ({clip_eps}) and model.epsilon_high ({epsilon_high}) must not be negative")
-
-    def _frozen_copy(self) -> torch.nn.Module:
-        reference = copy.deepcopy(self.policy).eval()
-        reference.requires_grad_(False)
-        return reference
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -234,12 +197,7 @@ class GRPOModule(L.LightningModule):
         # Sampling draws from the global generators: keep their state so a resumed run samples what the
         # uninterrupted run would have. Every process samples its own prompts with its own state, so the
         # checkpoint holds one state per process (every process runs this hook; the saving one writes the file).
-        state = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-        }
-        checkpoint["rng_states"] = gather_objects(self._strategy, state)
+        checkpoint["rng_states"] = gather_objects(self._strategy, rng_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
@@ -252,13 +210,8 @@ class GRPOModule(L.LightningModule):
                 f"the checkpoint holds the random states of {len(states)} processes, this run has {world}: "
                 "sampling will not repeat what the stopped run would have drawn"
             )
-        if rank >= len(states):
-            return
-        state = states[rank]
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        random.setstate(state["python"])
+        if rank < len(states):
+            set_rng_state(states[rank])
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
@@ -394,40 +347,3 @@ class GRPOModule(L.LightningModule):
             for i in range(min(2, G))
         )
         experiment.add_text("samples", text, global_step=self.global_step)
-
-    # --- evaluation ----------------------------------------------------------------------------------
-
-    def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
-        """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
-        hp = self.hparams
-        rollout = generate_rollout(
-            self.policy, self.tokenizer, batch["prompt"], 1, hp.eval_max_new_tokens or hp.max_new_tokens,
-            generation_kwargs={"do_sample": False, **(hp.eval_generation_kwargs or {})},
-            use_model_generation_config=hp.use_model_generation_config,
-        )
-        return [
-            {"prompt": p, "expected": e, "extracted": extract_model_answer(c), "completion": c, "correct": is_correct(c, e)}
-            for p, e, c in zip(batch["prompt"], batch["expected"], rollout.completions)
-        ]
-
-    def on_validation_epoch_start(self) -> None:
-        from torchmetrics.classification import BinaryAccuracy
-
-        self.val_accuracy = BinaryAccuracy().to(self.device)
-        self.val_rows: list[dict] = []
-
-    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
-        rows = self.evaluate_batch(batch)
-        self.val_rows += rows
-        correct = torch.tensor([r["correct"] for r in rows], device=self.device)
-        self.val_accuracy.update(correct, torch.ones_like(correct))
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(rows))
-
-    def on_validation_epoch_end(self) -> None:
-        from grpo_lightning.callbacks import write_jsonl
-
-        # each process evaluated its own examples (the loader's sampler splits them without repeats)
-        rows = interleave(gather_objects(self._strategy, self.val_rows))
-        log_dir = self.trainer.log_dir
-        if log_dir is not None and rows and self.trainer.is_global_zero:
-            write_jsonl(Path(log_dir) / "validate_examples.jsonl", rows)

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from grpo_lightning.answer_format import build_prompt
 from grpo_lightning.cli import ThreadsCLI
 from grpo_lightning.data import load_records
-from grpo_lightning.module import load_model_and_tokenizer
+from grpo_lightning.models import load_model_and_tokenizer
 from grpo_lightning.rollout import set_checkpointing
 from grpo_lightning.tasks import completion_text
 from grpo_lightning.tiny import resolve_model_path

@@ -175,7 +175,7 @@ def fixed_args(tmp: Path, variant: str, rollout: Path) -> list[str]:
 def fixed(tmp_path_factory) -> Path:
     """16 sampled rows (4 prompts × 4); two processes update on 8 each, once per variant."""
     from grpo_lightning.data import load_records
-    from grpo_lightning.module import load_model_and_tokenizer
+    from grpo_lightning.models import load_model_and_tokenizer
     from grpo_lightning.rollout import generate_rollout
 
     tmp = tmp_path_factory.mktemp("ddp_fixed")

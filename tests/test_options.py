@@ -1,7 +1,6 @@
 """The options of issue-sized pieces through the real training loop: loss types, reward functions, metrics."""
 
 import pytest
-import torch
 from test_train import make_config, scalars
 from transformers import AutoModelForCausalLM
 
