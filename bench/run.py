@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import workload
+from bench import limits, workload
 from bench.timing import RESULT_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +76,39 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def measured_prompt_length(setting: str, steps: int) -> float:
+    """Mean left-padded prompt length P of the measured steps' batches (both sides pad within a batch)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workload.prepare_model_dir())
+    B = workload.SETTINGS[setting]["prompts"]
+    rows = workload.load_prompts(B * steps)
+    lengths = [max(len(tokenizer(r["prompt"]).input_ids) for r in rows[k * B : (k + 1) * B]) for k in range(steps)]
+    measured = lengths[1:] or lengths  # the warm-up step is not in the medians
+    return sum(measured) / len(measured)
+
+
+def format_limits(results: dict[str, dict[str, dict]], machine: dict, steps: int) -> str:
+    """Each phase's achieved GFLOP/s and GB/s as a share of the machine's limits, per setting and side."""
+    cfg = json.loads((workload.prepare_model_dir() / "config.json").read_text())
+    geometry = limits.Geometry.from_config(cfg, cfg["num_hidden_layers"])
+    lines = [limits.describe_limits(machine)]
+    for setting, sides in results.items():
+        s = workload.SETTINGS[setting]
+        P = measured_prompt_length(setting, steps)
+        work = limits.phase_work(geometry, s["prompts"], s["generations"], round(P), s["new_tokens"], s["mu"])
+        cells = ", ".join(f"{k} {f / 1e9:.1f} GFLOP / {b / 1e9:.1f} GB" for k, (f, b) in work.items())
+        lines += [f"{describe(setting)}, mean prompt {P:.0f} tokens: {cells}", limits.SHARES_HEAD]
+        for side in ("trl", "grpo-lightning"):
+            if side in sides:
+                lines += limits.format_shares(side, limits.phase_shares(work, sides[side]["median"], machine))
+        lines.append("")
+    lines.append("%mm: workload FLOPs per second as a share of the matmul rate; %read: weight bytes per second as a")
+    lines.append("share of the streaming read rate; floor s: the larger of the two times at those limits")
+    lines.append("(bench/limits.py says what is counted).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", choices=sorted(workload.SETTINGS), default=["a", "b", "c"])
@@ -93,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     workload.prepare_model_dir()  # build once here, so neither side pays for it
+    print("measuring the machine's limits ...", file=sys.stderr, flush=True)
+    machine = [limits.measure_limits()]
     extra = {
         "trl": ["--gradient-checkpointing", args.trl_gradient_checkpointing],
         "grpo-lightning": ["--gradient-checkpointing", args.ours_gradient_checkpointing]
@@ -106,7 +141,13 @@ def main(argv: list[str] | None = None) -> None:
             results[setting][side] = run_side(side, setting, args.steps, extra[side], log_dir)
             if args.json:  # keep partial results if a later run fails
                 Path(args.json).write_text(json.dumps(results, indent=2))
+    machine.append(limits.measure_limits())  # again after the runs: the best of both is the limit
+    machine_best = limits.best_limits(*machine)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "limits": machine}, indent=2))
     print(format_table(results))
+    print()
+    print(format_limits(results, machine_best, args.steps))
 
 
 if __name__ == "__main__":
