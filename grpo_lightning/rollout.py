@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
+
+from grpo_lightning.head_logprob import head_logprobs
 
 
 @dataclass
@@ -84,19 +85,19 @@ def token_logprobs(
     """log softmax(logits / temperature)[target] for each position, ``chunk_rows`` rows at a time through the head.
 
     hidden: [N, C, H] hidden states that predict ``targets`` [N, C]; weight: [V, H]. Returns [N, C] float32.
-    Only one chunk's [chunk_rows, C, V] logits exist at a time. Under autograd with ``recompute`` each
-    chunk is checkpointed: the backward pass recomputes its logits (one more LM-head matmul) instead of
-    keeping all N rows' logits alive; without it the logits stay for the backward pass, which is faster.
+    Only one chunk's [chunk_rows, C, V] logits exist at a time. With ``recompute`` the pass is
+    :func:`~grpo_lightning.head_logprob.head_logprobs`, whose own backward recomputes each chunk's logits
+    (one more LM-head matmul) instead of keeping all N rows' logits alive; without it the logits stay for
+    the backward pass.
     ``with_entropy`` also returns each position's entropy of the full distribution, [N, C] without
     gradient, computed from each chunk's logits while they exist (one more pass over them).
     """
+    if recompute:
+        return head_logprobs(hidden, weight, targets, chunk_rows, bias, temperature, with_entropy)
     out, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-        if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            piece = checkpoint(_chunk_logprobs, h, weight, bias, t, temperature, with_entropy, use_reentrant=False)
-        else:
-            piece = _chunk_logprobs(h, weight, bias, t, temperature, with_entropy)
+        piece = _chunk_logprobs(h, weight, bias, t, temperature, with_entropy)
         if with_entropy:
             piece, entropy = piece
             entropies.append(entropy)

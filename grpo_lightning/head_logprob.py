@@ -1,0 +1,89 @@
+"""Per-token log-probs through the LM head with a hand-written backward: no logits kept between the passes.
+
+For logits z = h·Wᵀ / T and log p = z[target] − logsumexp(z), the gradient of log p with respect to z is
+onehot(target) − softmax(z). So for an upstream gradient g (one number per position):
+
+    dz = g · (onehot − p) / T          [n, V], p = exp(z − lse)
+    dh = dz · W                        [n, H]
+    dW = Σ over chunks of dzᵀ · h      [V, H]
+
+The forward pass keeps only the hidden states, the targets and one logsumexp per position ([N, C]);
+the backward pass recomputes one chunk's logits at a time and turns them into dz in place. Compared with
+checkpointing :func:`~grpo_lightning.rollout._chunk_logprobs`, the backward recomputes only the product
+(not the gather, logsumexp and entropy of the whole chunk function), keeps one [n, C, V] buffer per chunk
+instead of autograd's chain of temporaries, and adds every chunk's weight gradient into one [V, H]
+buffer with ``addmm_`` instead of returning a fresh [V, H] gradient per chunk for autograd to sum.
+
+It still takes four head products per pass (forward, recompute, dh, dW). Three would need g during the
+forward pass, i.e. the loss's per-token gradient fused into this function: not done here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    z = F.linear(h, weight, bias).float()  # [n, C, V]
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+class HeadLogProb(torch.autograd.Function):
+    """(hidden [N, C, H], weight [V, H], bias [V] | None, targets [N, C]) → (log-probs [N, C], entropies).
+
+    Entropies ([N, C], no gradient) are computed only when asked for; otherwise an empty tensor comes back.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, with_entropy):
+        N, C, _ = hidden.shape
+        logp = torch.empty(N, C, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for start in range(0, N, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = _logits(hidden[rows], weight, bias, temperature)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            logp[rows] = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
+            if with_entropy:  # H = lse − Σ p·z, from the logits this chunk has anyway
+                entropy[rows] = lse[rows] - (z - lse[rows].unsqueeze(-1)).exp_().mul_(z).sum(-1)
+            del z  # the next chunk's logits reuse the memory
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        T, chunk_rows = ctx.temperature, ctx.chunk_rows
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros_like(weight) if need_w else None  # the one [V, H] buffer every chunk adds into
+        db = torch.zeros_like(bias) if need_b else None
+        H, V = weight.shape[1], weight.shape[0]
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, scale = hidden[rows], grad_logp[rows].float() / T  # [n, C, H], [n, C]
+            dz = _logits(h, weight, bias, T).sub_(lse[rows].unsqueeze(-1)).exp_()  # p, in place
+            dz.mul_(-scale.unsqueeze(-1)).scatter_add_(-1, targets[rows].unsqueeze(-1), scale.unsqueeze(-1))
+            dz = dz.to(weight.dtype)  # a no-op in fp32; in half precision the products run as the forward's did
+            if need_h:
+                dh[rows] = dz @ weight
+            if need_w:
+                dw.addmm_(dz.reshape(-1, V).t(), h.reshape(-1, H))
+            if need_b:
+                db += dz.sum((0, 1))
+            del dz
+        return dh, dw, db, None, None, None, None
+
+
+def head_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 2, bias: Tensor | None = None,
+    temperature: float = 1.0, with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log softmax(h·Wᵀ / T)[target] for each position, with the hand-written backward of :class:`HeadLogProb`."""
+    logp, entropy = HeadLogProb.apply(hidden, weight, bias, targets, temperature, chunk_rows, with_entropy)
+    return (logp, entropy) if with_entropy else logp
