@@ -87,3 +87,71 @@ def head_logprobs(
     """log softmax(h·Wᵀ / T)[target] for each position, with the hand-written backward of :class:`HeadLogProb`."""
     logp, entropy = HeadLogProb.apply(hidden, weight, bias, targets, temperature, chunk_rows, with_entropy)
     return (logp, entropy) if with_entropy else logp
+
+
+class HeadLoss(torch.autograd.Function):
+    """A loss of the per-token log-probs whose gradient is taken chunk by chunk inside the forward pass.
+
+    ``loss_fn(logp [n, C], start, stop) -> (loss, stats)`` scores rows [start, stop) alone; the total loss is
+    the sum over chunks, so the loss must split over rows with every other input fixed (the GRPO loss does:
+    its denominators are the step's counts). Knowing the upstream gradient g while a chunk's logits exist
+    saves the recompute: three head products (logits, dh, dW) instead of four. dh and dW wait on ``ctx``
+    for the backward pass, which only scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side):
+        N, C, H = hidden.shape
+        V = weight.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = torch.zeros_like(hidden) if need_h else None
+        dw = torch.zeros_like(weight) if need_w else None
+        db = torch.zeros_like(bias) if need_b else None
+        logp = torch.empty(N, C, dtype=torch.float32, device=hidden.device)
+        entropy, total, stats = torch.empty_like(logp), torch.zeros((), device=hidden.device), {}
+        for start in range(0, N, chunk_rows):
+            rows, h, t = slice(start, start + chunk_rows), hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            z = _logits(h, weight, bias, temperature)  # [n, C, V]
+            lse = torch.logsumexp(z, dim=-1)
+            logp[rows] = z.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
+            p = (z - lse.unsqueeze(-1)).exp_()
+            # H = lse − Σ p·z; a batched dot product needs no third [n, C, V] buffer
+            entropy[rows] = lse - (p.reshape(-1, 1, V) @ z.reshape(-1, V, 1)).reshape(lse.shape)
+            del z
+            with torch.enable_grad():  # forward passes of Functions run without grad mode
+                x = logp[rows].detach().requires_grad_()
+                loss, chunk_stats = loss_fn(x, start, start + h.shape[0])
+                (g,) = torch.autograd.grad(loss, x)
+            total += loss.detach()
+            for key, value in chunk_stats.items():
+                stats[key] = stats.get(key, 0) + value
+            scale = g / temperature
+            dz = p.mul_(-scale.unsqueeze(-1)).scatter_add_(-1, t.unsqueeze(-1), scale.unsqueeze(-1)).to(weight.dtype)
+            if need_h:
+                dh[rows] = dz @ weight
+            if need_w:
+                dw.addmm_(dz.reshape(-1, V).t(), h.reshape(-1, H))
+            if need_b:
+                db += dz.sum((0, 1))
+            del p, dz
+        side.update(logp=logp, entropy=entropy, stats=stats)
+        ctx.grads = (dh, dw, db)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("HeadLoss keeps its gradients for one backward pass only (retain_graph is not supported)")
+        scaled = [None if g is None else g if grad_loss.item() == 1.0 else g * grad_loss for g in ctx.grads]
+        ctx.grads = None  # a caller holding the loss must not keep the [V, H] buffer alive after the backward pass
+        return (*scaled, None, None, None, None, None)
+
+
+def head_loss(
+    hidden: Tensor, weight: Tensor, targets: Tensor, loss_fn, chunk_rows: int = 2, bias: Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """(loss, log-probs [N, C] detached, entropies [N, C], summed stats) of :class:`HeadLoss`."""
+    side: dict = {}
+    loss = HeadLoss.apply(hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side)
+    return loss, side["logp"], side["entropy"], side["stats"]

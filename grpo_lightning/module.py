@@ -29,7 +29,7 @@ from grpo_lightning.models import build_policy, frozen_copy
 from grpo_lightning.precision import rounding_warning
 from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
-from grpo_lightning.step import GRPOBatch, prepare_batch, score_rollout, step_metrics
+from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
 
 class GRPOModule(EvaluationMixin, L.LightningModule):
     """GRPO fine-tuning of a causal language model.
@@ -69,6 +69,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         logprob_chunk_rows: Rows passed through the LM head at a time when computing log-probs.
         logprob_recompute: Recompute each chunk's logits in the backward pass instead of keeping them
             (saves [rows, C, vocab] floats of memory, costs one more LM-head matmul).
+        fused_head_loss: Take the loss's gradient inside the update's LM-head pass (no logits kept, three head
+            products instead of four; :class:`~grpo_lightning.head_logprob.HeadLoss`); off: autograd.
         share_prompt: Read each prompt once for its G samples (sampling and log-prob passes) via a repeated
             KV cache; the training pass falls back to full sequences while gradient checkpointing is on.
         generation_kwargs: Extra ``generate`` arguments for rollouts (e.g. ``min_new_tokens: 8``); arguments that
@@ -108,6 +110,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         rows_per_update: int | None = None,
         logprob_chunk_rows: int = 2,
         logprob_recompute: bool = True,
+        fused_head_loss: bool = True,
         share_prompt: bool = True,
         generation_kwargs: dict[str, Any] | None = None,
         eval_max_new_tokens: int | None = None,
@@ -294,8 +297,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         """
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        rollout, mask, ref_logp = data.rollout, data.loss_mask, data.ref_logp
-        N = data.num_sequences  # the whole step's rows, every process's
+        mask = data.loss_mask
         n = mask.shape[0]  # this process's rows
         per = hp.rows_per_update or n
         scale = gradient_scale(self._strategy)
@@ -307,15 +309,9 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             for start in range(0, n, per):
                 rows = slice(start, start + per)
                 with no_backward_sync(self._strategy, enabled=start + per < n):
-                    logp, entropy = self._logprobs(self.policy, rollout, rows, with_entropy=True)  # [rows, C] each
+                    logp, entropy, loss, stats = self._rows_loss(data, rows, None if update == 0 else old_logp)
                     if update == 0 and old_logp is not None:
                         old_logp[rows] = logp.detach()
-                    loss, stats = grpo_loss(
-                        logp, None if update == 0 else old_logp[rows], None if ref_logp is None else ref_logp[rows],
-                        data.advantages[rows], mask[rows], hp.clip_eps, hp.beta,
-                        epsilon_high=hp.epsilon_high, loss_type=hp.loss_type, max_new_tokens=hp.max_new_tokens,
-                        num_sequences=N, num_tokens=data.num_tokens,
-                    )
                     self.manual_backward(loss if scale == 1 else loss * scale)
                 stats = {"loss": loss.detach(), **stats, "entropy": token_mean_part(entropy, mask[rows], data.num_tokens)}
                 for key, value in stats.items():
@@ -326,6 +322,15 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             if scheduler is not None:
                 scheduler.step()
         return sum_over_processes(self._strategy, totals)  # statistics of the last of the μ updates, whole step
+
+    def _rows_loss(self, data: GRPOBatch, rows: slice, old_logp: torch.Tensor | None) -> tuple:
+        hp = self.hparams
+        return rows_loss(
+            self.policy, data, rows, old_logp, fused=hp.fused_head_loss, chunk_rows=hp.logprob_chunk_rows,
+            group=hp.num_generations if hp.share_prompt else 1, recompute=hp.logprob_recompute,
+            temperature=hp.temperature, clip_eps=hp.clip_eps, beta=hp.beta, epsilon_high=hp.epsilon_high,
+            loss_type=hp.loss_type, max_new_tokens=hp.max_new_tokens,
+        )
 
     def _log_step(self, data: GRPOBatch, stats: dict) -> None:
         # Every value but the timings (this process's) is already the whole step's, the same on every process.

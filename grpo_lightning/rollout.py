@@ -137,34 +137,40 @@ def _can_share_prompt(model: Any, group: int) -> bool:
     return group > 1 and not (model.training and is_checkpointing(model))
 
 
+def completion_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, group: int = 1) -> Tensor:
+    """The last hidden states that predict the completion tokens of ``input_ids``: [N, P + C] → [N, C, H].
+
+    ``group`` = G when each run of G rows shares one prompt: the decoder then reads each prompt once and the
+    completions attend to its repeated KV cache (exact up to float rounding).
+    """
+    P, backbone = prompt_length, decoder(model)
+    positions = position_ids(attention_mask)
+    if _can_share_prompt(model, group):
+        prompt_hidden, cache = shared_prompt_cache(model, input_ids[::group, :P], attention_mask[::group, :P], group)
+        completion = backbone(
+            input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
+            use_cache=True, **{cache_argument(backbone): cache},
+        ).last_hidden_state  # [N, C, H]
+        # the last prompt position predicts the first completion token
+        return torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, dim=0), completion[:, :-1]], dim=1)
+    full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    return full.last_hidden_state[:, P - 1 : -1]  # [N, C, H]: the state at t predicts token t + 1
+
+
 def sequence_logprobs(
     model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 2, group: int = 1,
     recompute: bool = True, temperature: float = 1.0, with_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs of the completion positions of ``input_ids`` under ``model``: [N, P + C] → [N, C].
 
-    They are log softmax(logits / ``temperature``): the distribution that rollouts sampled from.
-
-    ``group`` = G when each run of G rows shares one prompt: the decoder then reads each prompt once and the
-    completions attend to its repeated KV cache (exact up to float rounding). Only the C completion
-    positions go through the LM head. ``with_entropy`` also returns the entropies (:func:`token_logprobs`).
+    They are log softmax(logits / ``temperature``): the distribution that rollouts sampled from. Only the C
+    completion positions go through the LM head (:func:`completion_hidden`; ``group`` shares prompts).
+    ``with_entropy`` also returns the entropies (:func:`token_logprobs`).
     """
-    P, backbone = prompt_length, decoder(model)
-    positions = position_ids(attention_mask)
-    if _can_share_prompt(model, group):
-        prompt_hidden, cache = shared_prompt_cache(model, input_ids[::group, :P], attention_mask[::group, :P], group)
-        completion_hidden = backbone(
-            input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
-            use_cache=True, **{cache_argument(backbone): cache},
-        ).last_hidden_state  # [N, C, H]
-        # the last prompt position predicts the first completion token
-        hidden = torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, dim=0), completion_hidden[:, :-1]], dim=1)
-    else:
-        full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
-        hidden = full.last_hidden_state[:, P - 1 : -1]  # [N, C, H]: the state at t predicts token t + 1
+    hidden = completion_hidden(model, input_ids, attention_mask, prompt_length, group)
     head = causal_lm(model).get_output_embeddings()
     return token_logprobs(
-        hidden, head.weight, input_ids[:, P:], chunk_rows, head.bias, recompute, temperature, with_entropy
+        hidden, head.weight, input_ids[:, prompt_length:], chunk_rows, head.bias, recompute, temperature, with_entropy
     )
 
 

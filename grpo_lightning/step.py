@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo_lightning.loss import drop_truncated, frac_reward_zero_std, group_advantages
-from grpo_lightning.rollout import Rollout
+from grpo_lightning.head_logprob import head_loss
+from grpo_lightning.loss import drop_truncated, frac_reward_zero_std, group_advantages, grpo_loss
+from grpo_lightning.rollout import Rollout, causal_lm, completion_hidden, sequence_logprobs
 from grpo_lightning.scoring import RewardFunc, Scores, score
 
 
@@ -132,3 +133,34 @@ def step_metrics(data: GRPOBatch) -> dict[str, Tensor]:
         "completion/length_max": lengths.max(),
         "completion/truncated_fraction": rows["truncated"].mean(),
     }
+
+
+def rows_loss(
+    model: Any, data: GRPOBatch, rows: slice, old_logp: Tensor | None, *, fused: bool, chunk_rows: int, group: int,
+    recompute: bool, temperature: float, **loss_kwargs: Any,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """(log-probs [rows, C], entropies [rows, C], the step's GRPO loss part of ``rows``, its detached stats).
+
+    ``old_logp`` [n, C] covers all of this process's rows (``None`` at the first update); ``loss_kwargs`` go to
+    :func:`~grpo_lightning.loss.grpo_loss` with the step's counts. ``fused`` takes the loss's gradient inside
+    the LM-head pass (:class:`~grpo_lightning.head_logprob.HeadLoss`); otherwise autograd runs through
+    :func:`~grpo_lightning.rollout.sequence_logprobs`. Both give the same loss and gradients.
+    """
+    r = data.rollout
+    ids, attn, P = r.input_ids[rows], r.attention_mask[rows], r.prompt_length
+
+    def loss_of(logp: Tensor, lo: int, hi: int) -> tuple[Tensor, dict[str, Tensor]]:  # rows [lo, hi) of ``rows``
+        part = slice(rows.start + lo, rows.start + hi)
+        return grpo_loss(
+            logp, None if old_logp is None else old_logp[part], None if data.ref_logp is None else data.ref_logp[part],
+            data.advantages[part], data.loss_mask[part], num_sequences=data.num_sequences,
+            num_tokens=data.num_tokens, **loss_kwargs,
+        )
+
+    if not fused:
+        logp, entropy = sequence_logprobs(model, ids, attn, P, chunk_rows, group, recompute, temperature, with_entropy=True)
+        return (logp, entropy, *loss_of(logp, 0, logp.shape[0]))
+    head = causal_lm(model).get_output_embeddings()
+    hidden = completion_hidden(model, ids, attn, P, group)
+    loss, logp, entropy, stats = head_loss(hidden, head.weight, ids[:, P:], loss_of, chunk_rows, head.bias, temperature)
+    return logp, entropy, loss, stats

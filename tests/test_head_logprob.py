@@ -1,0 +1,103 @@
+"""The fused LM-head loss: the same loss, log-probs, statistics and gradients as autograd through the plain formula."""
+
+import pytest
+import torch
+
+from grpo_lightning.head_logprob import head_loss
+from grpo_lightning.loss import LOSS_AGGREGATIONS, grpo_loss
+
+
+def _inputs(seed=0, N=5, C=6, H=16, V=40):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(V, H, generator=g) * 0.25).requires_grad_()  # logits of order 1, log-probs near −ln V
+    bias = torch.randn(V, generator=g).requires_grad_()
+    scale = torch.tensor(1.5, requires_grad=True)  # stands for the layers between the embedding and the head
+    ids = torch.randint(0, V, (N, C + 1), generator=g)
+    fixed = {
+        # old and ref = the log-probs plus noise of ±0.15: some ratios clip at ε = 0.2, most do not
+        "old_noise": torch.randn(N, C, generator=g) * 0.15,
+        "ref_noise": torch.randn(N, C, generator=g) * 0.15,
+        "adv": torch.randn(N, generator=g),
+        "mask": (torch.rand(N, C, generator=g) > 0.2).int(),
+    }
+    return weight, bias, scale, ids, fixed
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_AGGREGATIONS))
+@pytest.mark.parametrize("with_old", [False, True])
+def test_head_loss_equals_autograd_through_the_plain_formula(loss_type, with_old):
+    weight, bias, scale, ids, f = _inputs()
+    N, T = ids.shape[0], 0.7
+    num_tokens = int(f["mask"].sum())
+
+    def hidden():  # the tied weight used as an embedding first, so its gradient has two parts
+        return torch.tanh(weight[ids[:, :-1]] * scale)  # [N, C, H]
+
+    logits = (hidden() @ weight.T + bias) / T
+    logp_plain = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    f["old"], f["ref"] = logp_plain.detach() + f["old_noise"], logp_plain.detach() + f["ref_noise"]
+
+    def loss_of(logp, lo, hi):
+        rows = slice(lo, hi)
+        return grpo_loss(logp, f["old"][rows] if with_old else None, f["ref"][rows], f["adv"][rows], f["mask"][rows],
+                         0.2, 0.04, loss_type=loss_type, max_new_tokens=6, num_sequences=N, num_tokens=num_tokens)
+
+    entropy_plain = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    loss_plain, stats_plain = loss_of(logp_plain, 0, N)
+    grads_plain = torch.autograd.grad(loss_plain, (weight, bias, scale))
+
+    loss, logp, entropy, stats = head_loss(hidden(), weight, ids[:, 1:], loss_of, chunk_rows=2, bias=bias, temperature=T)
+    grads = torch.autograd.grad(loss, (weight, bias, scale))  # chunks of 2 + 2 + 1 rows
+
+    if with_old:
+        assert 0 < stats_plain["clip_fraction"] < 0.5  # the clipped branch is exercised
+    assert torch.allclose(loss, loss_plain, atol=1e-6)
+    assert torch.allclose(logp, logp_plain, atol=1e-5) and not logp.requires_grad
+    assert torch.allclose(entropy, entropy_plain, atol=5e-5)
+    for key, value in stats_plain.items():
+        assert torch.allclose(stats[key], value, atol=1e-6), key
+    for a, b in zip(grads, grads_plain):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_head_loss_scales_by_the_incoming_gradient():
+    weight, bias, scale, ids, f = _inputs(seed=1)
+
+    def loss_of(logp, lo, hi):
+        return (logp * f["mask"][lo:hi]).sum(), {}
+
+    def grad(factor):
+        hidden = torch.tanh(weight[ids[:, :-1]] * scale)
+        loss, *_ = head_loss(hidden, weight, ids[:, 1:], loss_of, chunk_rows=3)
+        return torch.autograd.grad(factor * loss, (scale, weight))
+
+    for a, b in zip(grad(3.0), grad(1.0)):
+        assert torch.allclose(a, 3.0 * b, atol=1e-4)
+
+
+def test_update_gradients_equal_with_and_without_the_fused_head(tiny_model_dir):
+    """The module's update loss through the fused head and through autograd: same loss and parameter gradients
+    (shared-prompt pass, ratio away from 1, KL on)."""
+    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.rollout import generate_rollout
+    from grpo_lightning.step import GRPOBatch
+
+    results = []
+    for fused in (False, True):
+        module = GRPOModule(str(tiny_model_dir), dtype="float32", num_generations=3, max_new_tokens=10,
+                            temperature=0.8, logprob_chunk_rows=2, fused_head_loss=fused)
+        torch.manual_seed(0)
+        rollout = generate_rollout(module.policy, module.tokenizer, ["Natalia sold clips.", "Weng earns $12."], 3, 10)
+        N, C = rollout.completion_mask.shape
+        g = torch.Generator().manual_seed(1)
+        data = GRPOBatch(rollout=rollout, scores=None, rewards=torch.zeros(N), advantages=torch.randn(N, generator=g),
+                         loss_mask=rollout.completion_mask, num_sequences=N, num_tokens=int(rollout.completion_mask.sum()),
+                         frac_reward_zero_std=torch.zeros(()), ref_logp=torch.randn(N, C, generator=g) * 0.1 - 4)
+        old = torch.randn(N, C, generator=g) * 0.1 - 4
+        logp, entropy, loss, stats = module._rows_loss(data, slice(0, N), old)
+        loss.backward()
+        results.append((loss.detach(), logp.detach(), [p.grad.clone() for p in module.policy.parameters()]))
+    (loss_a, logp_a, grads_a), (loss_b, logp_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and torch.allclose(logp_a, logp_b, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, atol=1e-5)
