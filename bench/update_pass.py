@@ -1,0 +1,89 @@
+"""Time and peak memory of one update's forward + backward on the benchmark model, with and without the fused head.
+
+    python -m bench.update_pass --setting a --repeats 3
+
+The update of a GRPO step without sampling or Lightning around it: the benchmark's model (Qwen2.5-0.5B
+geometry, 4 layers, fp32), a rollout of the setting's shape (its real first prompts, random completion
+tokens), ``GRPOModule._rows_loss`` over all rows and ``backward``, then a fused Adam step. Each variant
+(``fused_head_loss`` on / off) runs in its own child process: it reports the fastest of ``--repeats``
+passes (wall and CPU seconds of that pass) and its peak RSS above the RSS after loading, which includes
+the gradients and Adam's state. Run it on a quiet machine: the variants run one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import workload
+from bench.logprob_memory import current_rss_mib
+from bench.timing import peak_rss_mib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_variant(setting_name: str, fused: bool, repeats: int) -> dict:
+    import torch
+
+    from bench.ours_side import build
+    from grpo_lightning.rollout import Rollout
+    from grpo_lightning.step import GRPOBatch
+
+    s = workload.SETTINGS[setting_name]
+    module = build(workload.prepare_model_dir(), s, False, 2, {"fused_head_loss": fused})
+    G, C = s["generations"], s["new_tokens"]
+    prompts = [r["prompt"] for r in workload.load_prompts(s["prompts"])]
+    enc = module.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = enc.input_ids.repeat_interleave(G, 0)
+    N, P = prompt_ids.shape
+    completion = torch.randint(0, 151643, (N, C), generator=g)  # below the special tokens: no EOS
+    ones = torch.ones(N, C, dtype=torch.long)
+    rollout = Rollout(torch.cat([prompt_ids, completion], 1), torch.cat([enc.attention_mask.repeat_interleave(G, 0), ones], 1),
+                      ones, P, [""] * N, torch.ones(N, dtype=torch.bool))
+    data = GRPOBatch(rollout, None, torch.zeros(N), torch.randn(N, generator=g), ones, N, N * C, torch.zeros(()),
+                     ref_logp=torch.randn(N, C, generator=g) * 0.1 - 12)
+    optimizer = torch.optim.Adam(module.policy.parameters(), lr=workload.LR, fused=True)
+    before, best = current_rss_mib(), (float("inf"), 0.0)
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        optimizer.zero_grad()
+        _, _, loss, _ = module._rows_loss(data, slice(0, N), None)
+        loss.backward()
+        del loss
+        optimizer.step()
+        best = min(best, (time.perf_counter() - start, time.process_time() - cpu))
+    return {"fused_head_loss": fused, "seconds": best[0], "cpu_seconds": best[1], "peak_extra_mib": peak_rss_mib() - before,
+            "rows": N, "prompt_tokens": P, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(workload.SETTINGS), default="a")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_variant(args.setting, args.child == "on", args.repeats)))
+        return
+    print(f"one update (forward + backward + fused Adam), setting ({args.setting}), best of {args.repeats}")
+    print(f"{'fused_head_loss':<17}{'wall s':>8}{'cpu s':>8}{'peak above loaded (MiB)':>25}")
+    for flag in ("off", "on"):
+        cmd = [sys.executable, "-m", "bench.update_pass", "--setting", args.setting, "--repeats", str(args.repeats),
+               "--child", flag]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{flag} failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{flag:<17}{r['seconds']:>8.2f}{r['cpu_seconds']:>8.2f}{r['peak_extra_mib']:>25.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
