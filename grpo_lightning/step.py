@@ -150,7 +150,7 @@ def rows_loss(
     ids, attn, P = r.input_ids[rows], r.attention_mask[rows], r.prompt_length
 
     def loss_of(logp: Tensor, lo: int, hi: int) -> tuple[Tensor, dict[str, Tensor]]:  # rows [lo, hi) of ``rows``
-        part = slice(rows.start + lo, rows.start + hi)
+        part = slice((rows.start or 0) + lo, (rows.start or 0) + hi)
         return grpo_loss(
             logp, None if old_logp is None else old_logp[part], None if data.ref_logp is None else data.ref_logp[part],
             data.advantages[part], data.loss_mask[part], num_sequences=data.num_sequences,
