@@ -68,15 +68,20 @@ def forward_flops(g: Geometry, prompts: int, generations: int, prompt_len: int, 
 
 
 def phase_work(g: Geometry, prompts: int, generations: int, prompt_len: int, new_tokens: int,
-               mu: int) -> dict[str, tuple[int, int]]:
+               mu: int, frozen_weights: bool = False) -> dict[str, tuple[int, int]]:
     """{phase: (FLOPs, bytes)} of one GRPO step; sampling costs the forward FLOPs but reads the weights
-    once per generated token, the reference once, and the μ updates 3× the FLOPs each."""
+    once per generated token, the reference once, and the μ updates 3× the FLOPs each.
+
+    ``frozen_weights`` (LoRA, adapters not counted): the backward pass computes input gradients only, so an
+    update is 2× the forward FLOPs and reads the weights twice.
+    """
     flops = forward_flops(g, prompts, generations, prompt_len, new_tokens)
     weight_bytes = model_weights(g) * BYTES_PER_WEIGHT
+    update_flops, update_transfers = (2, 2) if frozen_weights else (3, UPDATE_MODEL_TRANSFERS)
     return {
         "sampling": (flops, new_tokens * weight_bytes),
         "reference": (flops, weight_bytes),
-        "update": (3 * flops * mu, UPDATE_MODEL_TRANSFERS * weight_bytes * mu),
+        "update": (update_flops * flops * mu, update_transfers * weight_bytes * mu),
     }
 
 

@@ -96,7 +96,8 @@ def format_limits(results: dict[str, dict[str, dict]], machine: dict, steps: int
     for setting, sides in results.items():
         s = workload.SETTINGS[setting]
         P = measured_prompt_length(setting, steps)
-        work = limits.phase_work(geometry, s["prompts"], s["generations"], round(P), s["new_tokens"], s["mu"])
+        work = limits.phase_work(geometry, s["prompts"], s["generations"], round(P), s["new_tokens"], s["mu"],
+                                 frozen_weights="lora" in s)
         cells = ", ".join(f"{k} {f / 1e9:.1f} GFLOP / {b / 1e9:.1f} GB" for k, (f, b) in work.items())
         lines += [f"{describe(setting)}, mean prompt {P:.0f} tokens: {cells}", limits.SHARES_HEAD]
         for side in ("trl", "grpo-lightning"):

@@ -28,6 +28,9 @@ def test_phase_work_by_hand():
     # the reference once (736), each update 10 times (7360), twice for μ 2 (14720).
     work = limits.phase_work(TINY, prompts=1, generations=2, prompt_len=3, new_tokens=2, mu=2)
     assert work == {"sampling": (1760, 1472), "reference": (1760, 736), "update": (2 * 3 * 1760, 14720)}
+    # frozen weights (LoRA): input gradients only, 2 forwards' FLOPs and 2 weight reads per update
+    frozen = limits.phase_work(TINY, prompts=1, generations=2, prompt_len=3, new_tokens=2, mu=2, frozen_weights=True)
+    assert frozen["update"] == (2 * 2 * 1760, 2 * 2 * 736)
 
 
 def test_shares_and_floor():
