@@ -14,8 +14,9 @@ checkpointing :func:`~grpo_lightning.rollout._chunk_logprobs`, the backward reco
 instead of autograd's chain of temporaries, and adds every chunk's weight gradient into one [V, H]
 buffer with ``addmm_`` instead of returning a fresh [V, H] gradient per chunk for autograd to sum.
 
-It still takes four head products per pass (forward, recompute, dh, dW). Three would need g during the
-forward pass, i.e. the loss's per-token gradient fused into this function: not done here.
+:class:`HeadLogProb` still takes four head products (forward, recompute, dh, dW): its backward cannot
+know g before the loss exists. :class:`HeadLoss` takes the loss itself, computes g while a chunk's logits
+exist and so needs three; the update uses it (``GRPOModule(fused_head_loss=True)``).
 """
 
 from __future__ import annotations
