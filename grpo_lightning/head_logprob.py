@@ -143,7 +143,8 @@ class HeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if ctx.grads is None:
             raise RuntimeError("HeadLoss keeps its gradients for one backward pass only (retain_graph is not supported)")
-        scaled = [None if g is None else g if grad_loss.item() == 1.0 else g * grad_loss for g in ctx.grads]
+        # in place: the buffers are this node's own, and a second [V, H] tensor is what the fusion avoids
+        scaled = [None if g is None else g if grad_loss.item() == 1.0 else g.mul_(grad_loss) for g in ctx.grads]
         ctx.grads = None  # a caller holding the loss must not keep the [V, H] buffer alive after the backward pass
         return (*scaled, None, None, None, None, None)
 
