@@ -23,13 +23,14 @@ from grpo_lightning.distributed import (
     sum_over_processes,
 )
 from grpo_lightning.lora import LoRA, adapters_off
-from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, grpo_loss, token_mean_part
+from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, token_mean_part
 from grpo_lightning.evaluation import EvaluationMixin
 from grpo_lightning.models import build_policy, frozen_copy
 from grpo_lightning.precision import rounding_warning
 from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
+
 
 class GRPOModule(EvaluationMixin, L.LightningModule):
     """GRPO fine-tuning of a causal language model.

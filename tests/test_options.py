@@ -1,4 +1,4 @@
-"""The options of issue-sized pieces through the real training loop: loss types, reward functions, metrics."""
+"""The GRPO options through the real training loop: loss types, reward functions, metrics."""
 
 import pytest
 from test_train import make_config, scalars
