@@ -31,6 +31,17 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) 
     return z.div_(temperature) if temperature != 1.0 else z
 
 
+def _add_chunk_grads(dz: Tensor, h: Tensor, weight: Tensor, rows: slice, dh: Tensor | None, dw: Tensor | None,
+                     db: Tensor | None) -> None:
+    """One chunk's share of the gradients, from its dz [n, C, V]: dh[rows] = dz·W, dW += dzᵀ·h, db += Σ dz."""
+    if dh is not None:
+        dh[rows] = dz @ weight
+    if dw is not None:
+        dw.addmm_(dz.reshape(-1, dz.shape[-1]).t(), h.reshape(-1, h.shape[-1]))
+    if db is not None:
+        db += dz.sum((0, 1))
+
+
 class HeadLogProb(torch.autograd.Function):
     """(hidden [N, C, H], weight [V, H], bias [V] | None, targets [N, C]) → (log-probs [N, C], entropies).
 
@@ -64,19 +75,13 @@ class HeadLogProb(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None  # the one [V, H] buffer every chunk adds into
         db = torch.zeros_like(bias) if need_b else None
-        H, V = weight.shape[1], weight.shape[0]
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, scale = hidden[rows], grad_logp[rows].float() / T  # [n, C, H], [n, C]
             dz = _logits(h, weight, bias, T).sub_(lse[rows].unsqueeze(-1)).exp_()  # p, in place
             dz.mul_(-scale.unsqueeze(-1)).scatter_add_(-1, targets[rows].unsqueeze(-1), scale.unsqueeze(-1))
             dz = dz.to(weight.dtype)  # a no-op in fp32; in half precision the products run as the forward's did
-            if need_h:
-                dh[rows] = dz @ weight
-            if need_w:
-                dw.addmm_(dz.reshape(-1, V).t(), h.reshape(-1, H))
-            if need_b:
-                db += dz.sum((0, 1))
+            _add_chunk_grads(dz, h, weight, rows, dh, dw, db)
             del dz
         return dh, dw, db, None, None, None, None
 
@@ -102,7 +107,7 @@ class HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side):
-        N, C, H = hidden.shape
+        N, C, _ = hidden.shape
         V = weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.zeros_like(hidden) if need_h else None
@@ -128,12 +133,7 @@ class HeadLoss(torch.autograd.Function):
                 stats[key] = stats.get(key, 0) + value
             scale = g / temperature
             dz = p.mul_(-scale.unsqueeze(-1)).scatter_add_(-1, t.unsqueeze(-1), scale.unsqueeze(-1)).to(weight.dtype)
-            if need_h:
-                dh[rows] = dz @ weight
-            if need_w:
-                dw.addmm_(dz.reshape(-1, V).t(), h.reshape(-1, H))
-            if need_b:
-                db += dz.sum((0, 1))
+            _add_chunk_grads(dz, h, weight, rows, dh, dw, db)
             del p, dz
         side.update(logp=logp, entropy=entropy, stats=stats)
         ctx.grads = (dh, dw, db)
