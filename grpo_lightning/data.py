@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
 from grpo_lightning.answer_format import SYSTEM_PROMPT, build_prompt  # noqa: F401 (re-exported)

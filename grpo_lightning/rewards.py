@@ -8,7 +8,6 @@ format pays 0.2 for each of the four tags present.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 from grpo_lightning.answer_format import TAGS, extract_model_answer  # noqa: F401 (re-exported for callers)
 
@@ -67,12 +66,3 @@ def is_correct(completion: str, expected: str | None) -> bool:
         if p is not None and e is not None and p == e:
             return True
     return False
-
-
-def score_completions(completions: Sequence[str], answers: Sequence[str | None]) -> dict[str, list[float]]:
-    """Each reward function's value for every completion: ``{"correctness": [...], "format": [...], "total": [...]}``."""
-    if len(completions) != len(answers):
-        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-    correctness = [correctness_reward(c, a) for c, a in zip(completions, answers)]
-    fmt = [format_reward(c) for c in completions]
-    return {"correctness": correctness, "format": fmt, "total": [c + f for c, f in zip(correctness, fmt)]}

@@ -10,7 +10,6 @@ from grpo_lightning.rewards import (
     format_reward,
     is_correct,
     last_number,
-    score_completions,
     single_number,
 )
 
@@ -78,11 +77,3 @@ def test_is_correct_three_way():
     assert is_correct("<answer>3 + 4 = 7</answer>", "7")  # last number (three numbers, ends in 7)
     assert not is_correct("<answer>7 apples, 8 pears</answer>", "7")
     assert not is_correct("7", "7")  # no <answer> tag: nothing extracted
-
-
-def test_score_completions():
-    scores = score_completions([FULL, "x"], ["42", "42"])
-    assert scores["correctness"] == [2.0, 0.0]
-    assert scores["total"] == pytest.approx([2.8, 0.0])
-    with pytest.raises(ValueError, match="2 completions but 1 answers"):
-        score_completions([FULL, "x"], ["42"])
