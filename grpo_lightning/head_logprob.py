@@ -106,7 +106,7 @@ class HeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side, sink):
         N, C, _ = hidden.shape
         V = weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -136,7 +136,7 @@ class HeadLoss(torch.autograd.Function):
             _add_chunk_grads(dz, h, weight, rows, dh, dw, db)
             del p, dz
         side.update(logp=logp, entropy=entropy, stats=stats)
-        ctx.grads = (dh, dw, db)
+        ctx.grads, ctx.sink = (dh, dw, db), sink
         return total
 
     @staticmethod
@@ -144,16 +144,62 @@ class HeadLoss(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("HeadLoss keeps its gradients for one backward pass only (retain_graph is not supported)")
         # in place: the buffers are this node's own, and a second [V, H] tensor is what the fusion avoids
-        scaled = [None if g is None else g if grad_loss.item() == 1.0 else g.mul_(grad_loss) for g in ctx.grads]
+        dh, dw, db = [None if g is None else g if grad_loss.item() == 1.0 else g.mul_(grad_loss) for g in ctx.grads]
         ctx.grads = None  # a caller holding the loss must not keep the [V, H] buffer alive after the backward pass
-        return (*scaled, None, None, None, None, None)
+        if ctx.sink is not None and dw is not None:  # the tied embedding's backward adds to it and hands it on
+            ctx.sink.grad, dw = dw, None
+        return dh, dw, db, None, None, None, None, None, None
 
 
 def head_loss(
     hidden: Tensor, weight: Tensor, targets: Tensor, loss_fn, chunk_rows: int = 2, bias: Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float = 1.0, sink: TiedWeightGrad | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """(loss, log-probs [N, C] detached, entropies [N, C], summed stats) of :class:`HeadLoss`."""
+    """(loss, log-probs [N, C] detached, entropies [N, C], summed stats) of :class:`HeadLoss`.
+
+    With a ``sink``, the weight's gradient goes there instead (see :class:`TiedWeightGrad`).
+    """
     side: dict = {}
-    loss = HeadLoss.apply(hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side)
+    loss = HeadLoss.apply(hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side, sink)
     return loss, side["logp"], side["entropy"], side["stats"]
+
+
+class TiedWeightGrad:
+    """Where the LM head leaves its [V, H] weight gradient for the embedding that shares the weight.
+
+    Plain autograd holds the head's [V, H] gradient and the embedding lookup's dense [V, H] gradient at the
+    same time, then sums them: one extra [V, H] tensor at the peak of the backward pass (519 MiB for Qwen2.5's
+    vocabulary in fp32). With a sink, :class:`HeadLoss` leaves its buffer here instead of returning it, and
+    :class:`TiedEmbedding`'s backward, which runs after it (the embedding comes first in the forward pass),
+    adds its rows into that buffer and returns it as the weight's one gradient.
+    """
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, weight, padding_idx)`` [..] → [.., H] whose weight gradient goes into the sink's buffer."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, sink):
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.padding_idx, ctx.sink = weight.shape, padding_idx, sink
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        dw = ctx.sink.grad if ctx.sink.grad is not None else grad.new_zeros(ctx.shape)
+        ctx.sink.grad = None
+        ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])  # [n], [n, H]
+        if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
+            keep = ids != ctx.padding_idx
+            ids, grad = ids[keep], grad[keep]
+        dw.index_add_(0, ids, grad.to(dw.dtype))
+        return None, dw, None, None
+
+
+def tied_embedding(ids: Tensor, weight: Tensor, padding_idx: int | None, sink: TiedWeightGrad) -> Tensor:
+    """The embedding lookup of :class:`TiedEmbedding`: [..] → [.., H]."""
+    return TiedEmbedding.apply(ids, weight, padding_idx, sink)

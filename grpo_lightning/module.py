@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
+from grpo_lightning.allocator import check_mmap_threshold, set_mmap_threshold
 from grpo_lightning.distributed import (
     gather_objects, gather_rows, gradient_scale, no_backward_sync, rng_state, seed_this_process, set_rng_state,
     sum_over_processes,
@@ -81,6 +82,9 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
+        malloc_mmap_threshold: From ``setup`` on, glibc returns freed buffers of this many bytes or more to the
+            OS instead of keeping them in its heap (lower peak memory on the CPU; the whole process, Linux with
+            glibc only; see :mod:`~grpo_lightning.allocator`). ``None`` leaves malloc as it is.
     """
 
     def __init__(
@@ -118,12 +122,15 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         eval_generation_kwargs: dict[str, Any] | None = None,
         log_samples_every_n_steps: int = 10,
         lora: LoRA | None = None,
+        malloc_mmap_threshold: int | None = 1 << 20,
     ):
         super().__init__()
         self._check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
         if not temperature > 0:
             raise ValueError(f"model.temperature must be positive (log-probs divide the logits by it), got {temperature}")
         self._check_choices(loss_type, scale_rewards, clip_eps, epsilon_high)
+        if malloc_mmap_threshold is not None:
+            check_mmap_threshold(malloc_mmap_threshold)
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
         if lora is not None and ref_update_every and beta != 0:
@@ -192,6 +199,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         # Before a checkpoint's random states are restored: every process samples from its own stream.
         seed_this_process(self.global_rank)
+        if self.hparams.malloc_mmap_threshold is not None:
+            set_mmap_threshold(self.hparams.malloc_mmap_threshold)
 
     @property
     def _strategy(self) -> Any:
@@ -320,6 +329,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             if hp.grad_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
             optimizer.step()
+            optimizer.zero_grad()  # the gradients are spent: sampling and the next forward pass reuse their memory
             if scheduler is not None:
                 scheduler.step()
         return sum_over_processes(self._strategy, totals)  # statistics of the last of the μ updates, whole step

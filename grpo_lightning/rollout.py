@@ -11,7 +11,7 @@ generation config (top-k, top-p, repetition penalty), and every log-prob pass di
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -119,14 +119,16 @@ def cache_argument(module: Any) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def shared_prompt_cache(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, repeats: int) -> tuple[Tensor, Any]:
+def shared_prompt_cache(
+    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, repeats: int, prompt_embeds: Tensor | None = None
+) -> tuple[Tensor, Any]:
     """Run the decoder once over B distinct prompts [B, L]; repeat the KV cache for their ``repeats`` samples.
 
-    Returns the prompts' last hidden states [B, L, H] and a cache of B * repeats rows.
+    Returns the prompts' last hidden states [B, L, H] and a cache of B * repeats rows. ``prompt_embeds``
+    [B, L, H], when given, stand in for the decoder's own lookup of ``prompt_ids``.
     """
-    out = decoder(model)(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask), use_cache=True
-    )
+    tokens = {"input_ids": prompt_ids} if prompt_embeds is None else {"inputs_embeds": prompt_embeds}
+    out = decoder(model)(**tokens, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask), use_cache=True)
     cache = out[cache_argument(decoder(model))]  # the output field carries the argument's name
     cache.batch_repeat_interleave(repeats)
     return out.last_hidden_state, cache
@@ -137,23 +139,35 @@ def _can_share_prompt(model: Any, group: int) -> bool:
     return group > 1 and not (model.training and is_checkpointing(model))
 
 
-def completion_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, group: int = 1) -> Tensor:
+def completion_hidden(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, group: int = 1,
+    embed: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """The last hidden states that predict the completion tokens of ``input_ids``: [N, P + C] → [N, C, H].
 
     ``group`` = G when each run of G rows shares one prompt: the decoder then reads each prompt once and the
-    completions attend to its repeated KV cache (exact up to float rounding).
+    completions attend to its repeated KV cache (exact up to float rounding). ``embed`` ([N, P + C] →
+    [N, P + C, H]), when given, replaces the decoder's embedding lookup, in one call for all the ids.
     """
     P, backbone = prompt_length, decoder(model)
     positions = position_ids(attention_mask)
+    embeds = None if embed is None else embed(input_ids)
+
+    def tokens(rows: slice, cols: slice) -> dict[str, Tensor]:
+        return {"input_ids": input_ids[rows, cols]} if embeds is None else {"inputs_embeds": embeds[rows, cols]}
+
     if _can_share_prompt(model, group):
-        prompt_hidden, cache = shared_prompt_cache(model, input_ids[::group, :P], attention_mask[::group, :P], group)
+        prompt_hidden, cache = shared_prompt_cache(
+            model, input_ids[::group, :P], attention_mask[::group, :P], group,
+            None if embeds is None else embeds[::group, :P],
+        )
         completion = backbone(
-            input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
+            **tokens(slice(None), slice(P, None)), attention_mask=attention_mask, position_ids=positions[:, P:],
             use_cache=True, **{cache_argument(backbone): cache},
         ).last_hidden_state  # [N, C, H]
         # the last prompt position predicts the first completion token
         return torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, dim=0), completion[:, :-1]], dim=1)
-    full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    full = backbone(**tokens(slice(None), slice(None)), attention_mask=attention_mask, position_ids=positions, use_cache=False)
     return full.last_hidden_state[:, P - 1 : -1]  # [N, C, H]: the state at t predicts token t + 1
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo_lightning.head_logprob import head_loss
+from grpo_lightning.head_logprob import TiedWeightGrad, head_loss, tied_embedding
 from grpo_lightning.loss import drop_truncated, frac_reward_zero_std, group_advantages, grpo_loss
 from grpo_lightning.rollout import Rollout, causal_lm, completion_hidden, sequence_logprobs
 from grpo_lightning.scoring import RewardFunc, Scores, score
@@ -161,6 +161,23 @@ def rows_loss(
         logp, entropy = sequence_logprobs(model, ids, attn, P, chunk_rows, group, recompute, temperature, with_entropy=True)
         return (logp, entropy, *loss_of(logp, 0, logp.shape[0]))
     head = causal_lm(model).get_output_embeddings()
-    hidden = completion_hidden(model, ids, attn, P, group)
-    loss, logp, entropy, stats = head_loss(hidden, head.weight, ids[:, P:], loss_of, chunk_rows, head.bias, temperature)
+    sink, embed = _tied_embedding(model, head.weight)
+    hidden = completion_hidden(model, ids, attn, P, group, embed)
+    loss, logp, entropy, stats = head_loss(
+        hidden, head.weight, ids[:, P:], loss_of, chunk_rows, head.bias, temperature, sink
+    )
     return logp, entropy, loss, stats
+
+
+def _tied_embedding(model: Any, head_weight: Tensor) -> tuple[TiedWeightGrad | None, Callable | None]:
+    """(sink, embedding lookup) that gather the tied weight's two gradients in one buffer, or (None, None).
+
+    Only for a trained weight that a plain ``nn.Embedding`` shares with the head: an embedding with its own
+    forward (scaled, say), max_norm, frequency scaling or sparse gradients keeps the decoder's own lookup.
+    """
+    emb = causal_lm(model).get_input_embeddings()
+    plain = type(emb) is torch.nn.Embedding and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
+    if not (plain and emb.weight is head_weight and head_weight.requires_grad):
+        return None, None
+    sink = TiedWeightGrad()
+    return sink, lambda ids: tied_embedding(ids, emb.weight, emb.padding_idx, sink)

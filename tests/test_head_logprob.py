@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpo_lightning.head_logprob import head_loss
+from grpo_lightning.head_logprob import TiedWeightGrad, head_loss, tied_embedding
 from grpo_lightning.loss import LOSS_AGGREGATIONS, grpo_loss
 
 
@@ -73,6 +73,43 @@ def test_head_loss_scales_by_the_incoming_gradient():
 
     for a, b in zip(grad(3.0), grad(1.0)):
         assert torch.allclose(a, 3.0 * b, atol=1e-4)
+
+
+def test_tied_embedding_matches_nn_embedding_and_skips_the_padding_row():
+    """Alone (no head before it), the lookup's weight gradient is nn.Embedding's: padding row left at zero."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.tensor([[0, 3, 3, 1], [2, 0, 4, 3]])  # pad id 0 twice, id 3 three times
+    upstream = torch.randn(2, 4, 6, generator=g)
+    emb = torch.nn.Embedding(5, 6, padding_idx=0)
+    (emb(ids) * upstream).sum().backward()
+    weight = emb.weight.detach().clone().requires_grad_()
+    out = tied_embedding(ids, weight, 0, TiedWeightGrad())
+    (out * upstream).sum().backward()
+    assert torch.equal(out, emb(ids))
+    assert torch.allclose(weight.grad, emb.weight.grad, atol=1e-6)
+    assert torch.equal(weight.grad[0], torch.zeros(6)) and weight.grad[3].abs().sum() > 0
+
+
+def test_tied_weight_gradient_gathered_in_the_head_buffer_equals_autograd():
+    """Head and embedding share the weight; through the sink its one gradient equals autograd's sum of two."""
+    weight, bias, scale, ids, f = _inputs(seed=3)
+    inputs = ids[:, :-1].clone()
+    inputs[0, :2] = 0  # two padding positions, as left padding puts them
+
+    def loss_of(logp, lo, hi):
+        return -(logp * f["adv"][lo:hi, None] * f["mask"][lo:hi]).sum() / 7.0, {}
+
+    hidden = torch.tanh(torch.nn.functional.embedding(inputs, weight, padding_idx=0) * scale)
+    plain, *_ = head_loss(hidden, weight, ids[:, 1:], loss_of, chunk_rows=2, bias=bias)
+    expected = torch.autograd.grad(2.0 * plain, (weight, bias, scale))
+
+    sink = TiedWeightGrad()
+    hidden = torch.tanh(tied_embedding(inputs, weight, 0, sink) * scale)
+    folded, *_ = head_loss(hidden, weight, ids[:, 1:], loss_of, chunk_rows=2, bias=bias, sink=sink)
+    got = torch.autograd.grad(2.0 * folded, (weight, bias, scale))  # the incoming gradient 2 scales both parts
+    assert torch.equal(folded, plain) and sink.grad is None  # the buffer went on to autograd
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_update_gradients_equal_with_and_without_the_fused_head(tiny_model_dir):

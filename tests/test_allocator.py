@@ -1,0 +1,39 @@
+"""glibc's mmap threshold, fixed: buffers above it are mapped, so freeing them returns their memory."""
+
+import subprocess
+import sys
+
+import pytest
+
+from grpo_lightning import allocator
+from grpo_lightning.module import GRPOModule
+
+# Run apart: the setting is process-wide and permanent, and an earlier fit in this process has made it already.
+# (A 2 MiB chunk freed into the heap would serve the next 2 MiB request whatever the threshold: one run each.)
+SCRIPT = """
+import sys, torch
+from grpo_lightning import allocator
+applied = allocator.set_mmap_threshold(2**20) if sys.argv[1] == "fixed" else None
+torch.ones(20 * 2**20 // 4)  # freed at once: glibc's own threshold follows it up to 20 MiB
+before = allocator.mapped_bytes()
+x = torch.ones(2 * 2**20 // 4)
+print(applied, allocator.mapped_bytes() - before)
+"""
+
+
+def mapped_by_a_2_mib_tensor(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(allocator.mapped_bytes() is None, reason="needs Linux with glibc")
+def test_a_fixed_threshold_maps_buffers_that_the_moving_one_keeps_in_the_heap():
+    assert mapped_by_a_2_mib_tensor("glibc") == ("None", 0)  # from the heap, where a free keeps it
+    applied, mapped = mapped_by_a_2_mib_tensor("fixed")
+    assert applied == "True" and mapped >= 2 * 2**20  # mapped: a free unmaps it
+
+
+@pytest.mark.parametrize("bad", [0, -1, allocator.MAX_THRESHOLD + 1])
+def test_a_threshold_glibc_would_refuse_is_one_clear_error(tiny_model_dir, bad):
+    with pytest.raises(ValueError, match="model.malloc_mmap_threshold"):
+        GRPOModule(str(tiny_model_dir), malloc_mmap_threshold=bad)
