@@ -13,7 +13,7 @@ import torch
 
 from grpo_lightning.distributed import gather_objects, interleave
 from grpo_lightning.rewards import extract_model_answer, is_correct
-from grpo_lightning.rollout import generate_rollout
+from grpo_lightning.sampling import generate_rollout
 
 
 class EvaluationMixin:

@@ -28,7 +28,8 @@ from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, token_mean_par
 from grpo_lightning.evaluation import EvaluationMixin
 from grpo_lightning.models import build_policy, frozen_copy
 from grpo_lightning.precision import rounding_warning
-from grpo_lightning.rollout import Rollout, generate_rollout, sequence_logprobs
+from grpo_lightning.rollout import Rollout, sequence_logprobs
+from grpo_lightning.sampling import generate_rollout
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
 

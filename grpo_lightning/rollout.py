@@ -1,25 +1,21 @@
-"""Rollouts: G samples per prompt, completion masks, and per-token log-probs of completions.
+"""Rollouts and what scores them: the :class:`Rollout`, completion masks, and per-token log-probs.
 
-Three traps shape this file. Sampling runs in eval mode with the KV cache on and gradient checkpointing
-paused: a checkpointed decoder in train mode drops the cache while ``generate`` feeds one token per step,
-so samples would not be conditioned on the prompt. The pad token may be the EOS token, so a completion
-ends at its first EOS of any id the model declares, never where padding seems to start. And the loss
-assumes that tokens were drawn from softmax(logits / T): by default sampling ignores the model's own
-generation config (top-k, top-p, repetition penalty), and every log-prob pass divides the logits by T.
+Sampling itself is in :mod:`grpo_lightning.sampling`. Two traps shape this file. The pad token may be the
+EOS token, so a completion ends at its first EOS of any id the model declares, never where padding seems
+to start. And the loss assumes that tokens were drawn from softmax(logits / T), so every log-prob pass
+(reference, old policy, policy) divides the logits by T.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import GenerationConfig
 
 from grpo_lightning.head_logprob import head_logprobs
 
@@ -134,7 +130,7 @@ def shared_prompt_cache(
     return out.last_hidden_state, cache
 
 
-def _can_share_prompt(model: Any, group: int) -> bool:
+def can_share_prompt(model: Any, group: int) -> bool:
     # Checkpointed layers in train mode drop any cache handed to them: the shared prompt would be lost.
     return group > 1 and not (model.training and is_checkpointing(model))
 
@@ -156,7 +152,7 @@ def completion_hidden(
     def tokens(rows: slice, cols: slice) -> dict[str, Tensor]:
         return {"input_ids": input_ids[rows, cols]} if embeds is None else {"inputs_embeds": embeds[rows, cols]}
 
-    if _can_share_prompt(model, group):
+    if can_share_prompt(model, group):
         prompt_hidden, cache = shared_prompt_cache(
             model, input_ids[::group, :P], attention_mask[::group, :P], group,
             None if embeds is None else embeds[::group, :P],
@@ -223,155 +219,3 @@ def set_checkpointing(model: Any, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-
-
-class WeightMajorHead(torch.nn.Module):
-    """The LM head computed as W·xᵀ instead of x·Wᵀ, for decoding steps on the CPU.
-
-    A decoding step multiplies a few rows by the [V, H] head; reading the weight in its stored order makes
-    that about twice as fast on a CPU (measured: 45 vs 96 ms for 8 × 896 × 151,936 on 2 cores), and the
-    head dominates a step when the vocabulary is large. Same weight object, so ties are kept.
-    """
-
-    def __init__(self, head: torch.nn.Linear):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # [rows, H]
-        out = torch.mm(self.head.weight, flat.t()).t()  # [rows, V]
-        if self.head.bias is not None:
-            out = out + self.head.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-@contextmanager
-def sampling_mode(model: Any) -> Iterator[None]:
-    """Eval mode with checkpointing paused for the duration; the previous state is restored after.
-
-    On the CPU the LM head is swapped for :class:`WeightMajorHead` meanwhile.
-    """
-    was_training, checkpointing = model.training, is_checkpointing(model)
-    lm = causal_lm(model)
-    head = lm.get_output_embeddings()
-    swap_head = isinstance(head, torch.nn.Linear) and head.weight.device.type == "cpu"
-    if checkpointing:
-        set_checkpointing(model, False)
-    if swap_head:
-        lm.set_output_embeddings(WeightMajorHead(head))
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        if swap_head:
-            lm.set_output_embeddings(head)
-        if checkpointing:
-            set_checkpointing(model, True)
-
-
-def plain_generation_config(model: Any) -> GenerationConfig:
-    """The model's special-token ids and nothing else: no top-k, top-p, repetition penalty or other processor."""
-    own = model.generation_config
-    return GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id)
-
-
-@contextmanager
-def generation_config(model: Any, use_model_config: bool) -> Iterator[None]:
-    """Generate with the model's own generation config, or (``use_model_config=False``) with a plain one.
-
-    ``generate`` fills every option left unset from ``model.generation_config`` (Qwen2.5-Instruct's declares
-    top-k 20, top-p 0.8 and a repetition penalty), so the plain config replaces it for the call.
-    """
-    lm = causal_lm(model)  # set on a peft wrapper, the config would stay behind in the base model after generate
-    own = lm.generation_config
-    if not use_model_config:
-        lm.generation_config = plain_generation_config(lm)
-    try:
-        yield
-    finally:
-        lm.generation_config = own
-
-
-@torch.no_grad()
-def generate_rollout(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    num_generations: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    rows_per_call: int | None = None,
-    generation_kwargs: dict | None = None,
-    record_logprobs: bool = False,
-    share_prompt: bool = True,
-    use_model_generation_config: bool = False,
-) -> Rollout:
-    """Sample ``num_generations`` completions for each prompt with ``generate`` (KV cache on, eval mode).
-
-    By default tokens are drawn from softmax(logits / ``temperature``) exactly, whatever the model's
-    generation config declares; ``use_model_generation_config`` samples with that config instead (the
-    seed's behaviour: Qwen2.5-Instruct's top-k, top-p and repetition penalty). ``generation_kwargs`` are
-    passed on last (e.g. ``{"do_sample": False}``, ``{"min_new_tokens": 64}``).
-    ``rows_per_call`` bounds the rows of one ``generate`` call (memory).
-    ``record_logprobs`` keeps the log-prob of each sampled token under the distribution the sampler drew
-    it from (its processed scores); it holds [rows, C, V] scores per call, so it is meant for checks, not
-    for training at full vocabulary size.
-    ``share_prompt`` prefills each prompt once and repeats its KV cache for its G samples.
-    """
-    device = next(model.parameters()).device
-    eos_ids = eos_token_ids(model, tokenizer)
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
-    prompt_ids = enc.input_ids.repeat_interleave(num_generations, dim=0)  # [N, P]
-    prompt_mask = enc.attention_mask.repeat_interleave(num_generations, dim=0)
-    N, P = prompt_ids.shape
-    rows = rows_per_call or N
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": True, **(generation_kwargs or {})}
-    if kwargs["do_sample"]:  # (greedy needs none of these: they would only draw warnings)
-        # top-k 0 and top-p 1 switch off transformers' own defaults (top-k 50) under the plain config
-        plain = {} if use_model_generation_config else {"top_k": 0, "top_p": 1.0}
-        kwargs = {"temperature": temperature, **plain, **kwargs}
-    pieces, logprob_pieces = [], []
-    with sampling_mode(model), generation_config(model, use_model_generation_config):
-        for start in range(0, N, rows):
-            ids, attn = prompt_ids[start : start + rows], prompt_mask[start : start + rows]
-            extra = {}
-            if share_prompt and P > 1 and _can_share_prompt(model, num_generations):
-                # prefill all but the last prompt token once per prompt; generate reads the rest from the cache
-                extra[cache_argument(causal_lm(model))] = shared_prompt_cache(
-                    model, ids[::num_generations, :-1], attn[::num_generations, :-1], num_generations
-                )[1]
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                **extra,
-                eos_token_id=eos_ids,
-                pad_token_id=pad_id,
-                use_cache=True,
-                return_dict_in_generate=True,
-                output_scores=record_logprobs,
-                **kwargs,
-            )
-            new = out.sequences[:, P:]  # [rows, C_call]
-            pieces.append(new)
-            if record_logprobs:
-                scores = torch.stack(out.scores, dim=1).float()  # [rows, C_call, V], after temperature and filters
-                logprob_pieces.append(torch.log_softmax(scores, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1))
-    C = max(p.shape[1] for p in pieces)
-    completion_ids = torch.cat([F.pad(p, (0, C - p.shape[1]), value=pad_id) for p in pieces])  # [N, C]
-    sample_logprobs = torch.cat([F.pad(p, (0, C - p.shape[1])) for p in logprob_pieces]) if record_logprobs else None
-    mask = completion_mask(completion_ids, eos_ids)
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
-    texts = tokenizer.batch_decode(
-        [ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True
-    )
-    return Rollout(
-        input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-        attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
-        completion_mask=mask,
-        prompt_length=P,
-        completions=texts,
-        truncated=~is_eos.any(dim=1),
-        sample_logprobs=sample_logprobs,
-    )

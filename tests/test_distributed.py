@@ -176,7 +176,7 @@ def fixed(tmp_path_factory) -> Path:
     """16 sampled rows (4 prompts × 4); two processes update on 8 each, once per variant."""
     from grpo_lightning.data import load_records
     from grpo_lightning.models import load_model_and_tokenizer
-    from grpo_lightning.rollout import generate_rollout
+    from grpo_lightning.sampling import generate_rollout
 
     tmp = tmp_path_factory.mktemp("ddp_fixed")
     model, tokenizer = load_model_and_tokenizer("builtin:tiny-arithmetic", "float32")

@@ -116,7 +116,7 @@ def test_update_gradients_equal_with_and_without_the_fused_head(tiny_model_dir):
     """The module's update loss through the fused head and through autograd: same loss and parameter gradients
     (shared-prompt pass, ratio away from 1, KL on)."""
     from grpo_lightning.module import GRPOModule
-    from grpo_lightning.rollout import generate_rollout
+    from grpo_lightning.sampling import generate_rollout
     from grpo_lightning.step import GRPOBatch
 
     results = []

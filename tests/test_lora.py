@@ -12,13 +12,12 @@ from grpo_lightning.lora import DEFAULT_TARGET_MODULES, LoRA, add_lora, adapters
 from grpo_lightning.module import GRPOModule
 from grpo_lightning.rollout import (
     decoder,
-    generate_rollout,
     is_checkpointing,
     position_ids,
-    sampling_mode,
     sequence_logprobs,
     set_checkpointing,
 )
+from grpo_lightning.sampling import generate_rollout, sampling_mode
 from test_train import make_config
 
 PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]

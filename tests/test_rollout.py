@@ -9,13 +9,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo_lightning.rollout import (
     completion_mask,
     eos_token_ids,
-    generate_rollout,
     is_checkpointing,
     position_ids,
     sequence_logprobs,
     set_checkpointing,
     token_logprobs,
 )
+from grpo_lightning.sampling import generate_rollout
 
 
 def test_completion_mask_through_first_eos():

@@ -1,0 +1,48 @@
+"""Decoding kernels: oneDNN's linear for the sampler's fp32 CPU layers, the same tokens as plain ``generate``."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo_lightning.sampling import DecodeLinear, generate_rollout, onednn_available, sampling_mode
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="needs torch's oneDNN (mkldnn) CPU kernels")
+PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_equals_nn_linear(packed, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 300, bias=bias)
+    x = torch.randn(4, 3, 96)[..., ::2]  # [4, 3, 48], not contiguous
+    with torch.no_grad():
+        assert torch.allclose(DecodeLinear(linear, packed=packed, rows=4)(x), linear(x), atol=1e-5)
+    assert DecodeLinear(linear, packed=packed, rows=4).weight is linear.weight
+
+
+def test_sampling_mode_swaps_every_linear_and_puts_each_back(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {name: module for name, module in model.named_modules() if type(module) is torch.nn.Linear}
+    with sampling_mode(model, rows=4):
+        during = dict(model.named_modules())
+        assert all(isinstance(during[name], DecodeLinear) for name in before)
+        assert not isinstance(during["model.layers.0.mlp.up_proj"].kernel_weight, torch.nn.Parameter)
+        assert model.get_output_embeddings().kernel_weight.is_mkldnn  # the head alone is reordered
+    after = dict(model.named_modules())
+    assert all(after[name] is module for name, module in before.items())
+
+
+def test_greedy_samples_equal_plain_generate_token_for_token(tiny_model_dir):
+    """The sampler's kernels change float rounding only: greedy decoding gives HF ``generate``'s tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ours = generate_rollout(model, tokenizer, PROMPTS, 3, 24, generation_kwargs={"do_sample": False})
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        plain = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    plain = plain.repeat_interleave(3, dim=0)  # [N, P + C]
+    C = plain.shape[1] - enc.input_ids.shape[1]
+    mask = ours.completion_mask[:, :C].bool()  # ours stops each row at its first EOS; generate pads after it
+    assert mask.sum() > 20
+    assert torch.equal(ours.input_ids[:, : ours.prompt_length + C][:, ours.prompt_length:][mask], plain[:, -C:][mask])
