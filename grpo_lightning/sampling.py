@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from grpo_lightning.rollout import (
     Rollout, cache_argument, can_share_prompt, causal_lm, completion_mask, eos_token_ids, is_checkpointing,
@@ -96,6 +96,46 @@ def sampling_mode(model: Any, rows: int = 1) -> Iterator[None]:
             set_checkpointing(model, True)
 
 
+# generate's options that reshape the sampling distribution, with the values that leave it as it is
+NEUTRAL = {"top_k": (None, 0), "top_p": (None, 1.0), "min_p": (None,), "typical_p": (None, 1.0),
+           "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "top_h": (None,)}
+
+
+def reshapes_distribution(kwargs: dict[str, Any]) -> bool:
+    """Whether ``generate`` options ask for more than softmax(logits / T) (a temperature of their own counts)."""
+    return "temperature" in kwargs or any(kwargs[k] not in NEUTRAL[k] for k in NEUTRAL.keys() & kwargs.keys())
+
+
+class InverseCDFSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(scores / T), for ``generate`` run in greedy mode.
+
+    ``generate``'s own sampling calls ``torch.multinomial``, which draws one exponential variate per
+    vocabulary entry: measured on 2 cores, 23 ms of a decoding step for 8 rows × 151,936, a third of the
+    step. One uniform per row, looked up in the cumulative distribution, takes about 1 ms. The scores come
+    back 0 at the drawn token and −inf elsewhere, so the greedy step's argmax takes it. The default
+    processors (``min_new_tokens``, ...) run before this one, as they run before generate's own sampling.
+    With ``record``, the log-prob of each drawn token is kept ([rows] per step; :meth:`take_logprobs`).
+    """
+
+    def __init__(self, temperature: float, record: bool = False):
+        self.temperature, self.record, self.logprobs = temperature, record, []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # [rows, V]
+        cdf = logp.exp().cumsum_(-1)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # [rows, 1], below the total mass
+        # the first index whose cumulative mass exceeds u: tokens of probability 0 are never drawn
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        if self.record:
+            self.logprobs.append(logp.gather(-1, tokens))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
+
+    def take_logprobs(self) -> Tensor:
+        """The recorded log-probs of the drawn tokens, [rows, steps]; the record starts again empty."""
+        out, self.logprobs = torch.cat(self.logprobs, dim=-1), []
+        return out
+
+
 def plain_generation_config(model: Any) -> GenerationConfig:
     """The model's special-token ids and nothing else: no top-k, top-p, repetition penalty or other processor."""
     own = model.generation_config
@@ -154,7 +194,12 @@ def generate_rollout(
     rows = rows_per_call or N
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": True, **(generation_kwargs or {})}
-    if kwargs["do_sample"]:  # (greedy needs none of these: they would only draw warnings)
+    sampler = None
+    if kwargs["do_sample"] and not use_model_generation_config and not reshapes_distribution(kwargs):
+        # softmax(logits / T) exactly: drawn by our processor, which generate's greedy step then picks
+        sampler = InverseCDFSampler(temperature, record=record_logprobs)
+        kwargs = {**kwargs, "do_sample": False, "logits_processor": LogitsProcessorList([sampler])}
+    elif kwargs["do_sample"]:  # (greedy needs none of these: they would only draw warnings)
         # top-k 0 and top-p 1 switch off transformers' own defaults (top-k 50) under the plain config
         plain = {} if use_model_generation_config else {"top_k": 0, "top_p": 1.0}
         kwargs = {"temperature": temperature, **plain, **kwargs}
@@ -176,12 +221,14 @@ def generate_rollout(
                 pad_token_id=pad_id,
                 use_cache=True,
                 return_dict_in_generate=True,
-                output_scores=record_logprobs,
+                output_scores=record_logprobs and sampler is None,
                 **kwargs,
             )
             new = out.sequences[:, P:]  # [rows, C_call]
             pieces.append(new)
-            if record_logprobs:
+            if record_logprobs and sampler is not None:
+                logprob_pieces.append(sampler.take_logprobs())
+            elif record_logprobs:
                 scores = torch.stack(out.scores, dim=1).float()  # [rows, C_call, V], after temperature and filters
                 logprob_pieces.append(torch.log_softmax(scores, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1))
     C = max(p.shape[1] for p in pieces)

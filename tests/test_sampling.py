@@ -1,5 +1,7 @@
 """Decoding kernels: oneDNN's linear for the sampler's fp32 CPU layers, the same tokens as plain ``generate``."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,3 +48,39 @@ def test_greedy_samples_equal_plain_generate_token_for_token(tiny_model_dir):
     mask = ours.completion_mask[:, :C].bool()  # ours stops each row at its first EOS; generate pads after it
     assert mask.sum() > 20
     assert torch.equal(ours.input_ids[:, : ours.prompt_length + C][:, ours.prompt_length:][mask], plain[:, -C:][mask])
+
+
+def test_inverse_cdf_sampler_draws_softmax_over_temperature():
+    """logits [0, ln 2, ln 4, 0, −inf, ln 3] at T = 1/2: weights [1, 4, 16, 1, 0, 9] / 31, by hand."""
+    from grpo_lightning.sampling import InverseCDFSampler
+
+    n = 62_000
+    logits = torch.tensor([0.0, math.log(2), math.log(4), 0.0, float("-inf"), math.log(3)]).expand(n, 6)
+    torch.manual_seed(0)
+    sampler = InverseCDFSampler(temperature=0.5, record=True)
+    scores = sampler(None, logits)
+    tokens = scores.argmax(-1)
+    assert torch.equal(scores.isfinite().sum(-1), torch.ones(n, dtype=torch.long))  # one token kept per row
+    freq = torch.bincount(tokens, minlength=6) / n
+    expected = torch.tensor([1, 4, 16, 1, 0, 9]) / 31
+    assert freq[4] == 0  # probability 0 is never drawn
+    assert (freq - expected).abs().max() < 0.01  # 5 standard deviations at most (0.002 each)
+    recorded = sampler.take_logprobs()  # [n, 1]
+    assert torch.allclose(recorded.squeeze(1), expected.log()[tokens], atol=1e-6)
+
+
+def test_rollouts_draw_with_the_inverse_cdf_unless_generate_must_sample(tiny_model_dir, monkeypatch):
+    """Plain softmax(logits / T) sampling never reaches torch.multinomial; the seed's config or a top-k does."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.multinomial called")
+
+    monkeypatch.setattr(torch, "multinomial", refuse)
+    neutral = {"min_new_tokens": 8, "top_k": 0, "top_p": 1.0}  # as the benchmark passes them
+    generate_rollout(model, tokenizer, PROMPTS, 2, 8, temperature=0.7, generation_kwargs=neutral)
+    for options in ({"generation_kwargs": {"top_k": 5}}, {"generation_kwargs": {"top_p": 0.9, "top_k": 0}},
+                    {"use_model_generation_config": True}):
+        with pytest.raises(AssertionError, match="multinomial"):
+            generate_rollout(model, tokenizer, PROMPTS, 2, 8, **options)
