@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from grpo_lightning.kernels import linear, times_weight
+
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    z = F.linear(h, weight, bias).float()  # [n, C, V]
+    z = linear(h, weight, bias).float()  # [n, C, V]
     return z.div_(temperature) if temperature != 1.0 else z
 
 
@@ -35,11 +37,32 @@ def _add_chunk_grads(dz: Tensor, h: Tensor, weight: Tensor, rows: slice, dh: Ten
                      db: Tensor | None) -> None:
     """One chunk's share of the gradients, from its dz [n, C, V]: dh[rows] = dz·W, dW += dzᵀ·h, db += Σ dz."""
     if dh is not None:
-        dh[rows] = dz @ weight
+        dh[rows] = times_weight(dz, weight)
     if dw is not None:
         dw.addmm_(dz.reshape(-1, dz.shape[-1]).t(), h.reshape(-1, h.shape[-1]))
     if db is not None:
         db += dz.sum((0, 1))
+
+
+def _softmax_in_place(z: Tensor, block: int = 8) -> tuple[Tensor, Tensor]:
+    """Turn logits z [n, C, V] into softmax(z) in place; return their logsumexp and entropy, [n, C] each.
+
+    ``block`` positions at a time, so no second [n, C, V] buffer ever exists (``torch.logsumexp`` and
+    ``exp(z − lse)`` would each make one: 78 MiB for 2 rows × 64 tokens of Qwen2.5's vocabulary).
+    H = lse − Σ p·z is taken from each block's p and z before p replaces z.
+    """
+    flat = z.view(-1, z.shape[-1])  # [n·C, V]
+    lse, entropy = torch.empty(flat.shape[0], device=z.device), torch.empty(flat.shape[0], device=z.device)
+    for start in range(0, flat.shape[0], block):
+        zb = flat[start : start + block]
+        m = zb.amax(-1, keepdim=True)
+        p = (zb - m).exp_()  # [block, V]
+        total = p.sum(-1, keepdim=True)
+        p.div_(total)
+        lse[start : start + block] = (m + total.log()).squeeze(-1)
+        entropy[start : start + block] = lse[start : start + block] - (p.unsqueeze(1) @ zb.unsqueeze(-1)).view(-1)
+        zb.copy_(p)
+    return lse.view(z.shape[:-1]), entropy.view(z.shape[:-1])
 
 
 class HeadLogProb(torch.autograd.Function):
@@ -108,7 +131,6 @@ class HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side, sink):
         N, C, _ = hidden.shape
-        V = weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.zeros_like(hidden) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None
@@ -118,12 +140,10 @@ class HeadLoss(torch.autograd.Function):
         for start in range(0, N, chunk_rows):
             rows, h, t = slice(start, start + chunk_rows), hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
             z = _logits(h, weight, bias, temperature)  # [n, C, V]
-            lse = torch.logsumexp(z, dim=-1)
-            logp[rows] = z.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
-            p = (z - lse.unsqueeze(-1)).exp_()
-            # H = lse − Σ p·z; a batched dot product needs no third [n, C, V] buffer
-            entropy[rows] = lse - (p.reshape(-1, 1, V) @ z.reshape(-1, V, 1)).reshape(lse.shape)
-            del z
+            picked = z.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+            lse, entropy[rows] = _softmax_in_place(z)
+            logp[rows] = picked - lse
+            p = z  # now softmax(z): the chunk's one [n, C, V] buffer
             with torch.enable_grad():  # forward passes of Functions run without grad mode
                 x = logp[rows].detach().requires_grad_()
                 loss, chunk_stats = loss_fn(x, start, start + h.shape[0])

@@ -23,12 +23,13 @@ from grpo_lightning.distributed import (
     gather_objects, gather_rows, gradient_scale, no_backward_sync, rng_state, seed_this_process, set_rng_state,
     sum_over_processes,
 )
+from grpo_lightning.kernels import onednn_linears
 from grpo_lightning.lora import LoRA, adapters_off
 from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, token_mean_part
 from grpo_lightning.evaluation import EvaluationMixin
 from grpo_lightning.models import build_policy, frozen_copy
 from grpo_lightning.precision import rounding_warning
-from grpo_lightning.rollout import Rollout, sequence_logprobs
+from grpo_lightning.rollout import Rollout, causal_lm, sequence_logprobs
 from grpo_lightning.sampling import generate_rollout
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
@@ -241,9 +242,11 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
         if self.hparams.beta == 0:
             return None
+        # no graph here: the layers' products can run through oneDNN (grpo_lightning.kernels)
         if self.reference is not None:
-            return self._logprobs(self.reference, rollout)
-        with adapters_off(self.policy):  # LoRA: the frozen base model is the reference
+            with onednn_linears(self.reference):
+                return self._logprobs(self.reference, rollout)
+        with adapters_off(self.policy), onednn_linears(causal_lm(self.policy)):  # LoRA: the base model is the reference
             return self._logprobs(self.policy, rollout)
 
     def _refresh_reference(self, step: int) -> None:

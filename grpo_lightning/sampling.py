@@ -18,80 +18,30 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from grpo_lightning.kernels import onednn_linears
 from grpo_lightning.rollout import (
     Rollout, cache_argument, can_share_prompt, causal_lm, completion_mask, eos_token_ids, is_checkpointing,
     set_checkpointing, shared_prompt_cache,
 )
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-class DecodeLinear(torch.nn.Module):
-    """A CPU ``nn.Linear`` for decoding steps, through oneDNN's linear kernel: x [.., in] → x·Wᵀ + b [.., out].
-
-    A decoding step multiplies a few rows (one token per sample) by every weight, a product torch's default
-    CPU GEMM runs far below the memory bandwidth: measured on 2 cores for 8 rows, the [151,936 × 896] LM head
-    took 54 ms as W·xᵀ (80 ms as x·Wᵀ), 34 ms through oneDNN on the weight as it is, 18–22 ms on the weight
-    reordered for oneDNN; a 4,864 × 896 MLP weight 1.6, 0.8 and 0.44 ms. Values agree within float rounding
-    (2.6e-6 on the head's logits). ``packed`` reorders the weight once, a copy of it that lives as long as
-    this module (the head gets one: it is the bulk of a decoding step; the layers use their weights as they
-    are, to keep memory down). The wrapped layer's ``weight`` and ``bias`` stay reachable (peft reads them).
-    """
-
-    def __init__(self, linear: torch.nn.Linear, packed: bool, rows: int):
-        super().__init__()
-        self.linear = linear
-        w = linear.weight.detach()
-        self.kernel_weight = torch.ops.mkldnn._reorder_linear_weight(w, rows) if packed else w
-
-    @property
-    def weight(self) -> Tensor:
-        return self.linear.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.linear.bias
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        bias = None if self.linear.bias is None else self.linear.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.kernel_weight, bias, "none", [], "")
-
-
-def _decode_swaps(model: Any, rows: int) -> list[tuple[torch.nn.Module, str, torch.nn.Linear, DecodeLinear]]:
-    """(parent, name, layer, replacement) for every fp32 CPU ``nn.Linear`` of ``model``; the LM head packed."""
-    if not onednn_available():
-        return []
-    head = causal_lm(model).get_output_embeddings()
-    swaps = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is torch.nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
-                swaps.append((parent, name, child, DecodeLinear(child, packed=child is head, rows=rows)))
-    return swaps
-
-
 @contextmanager
 def sampling_mode(model: Any, rows: int = 1) -> Iterator[None]:
     """Eval mode with checkpointing paused for the duration; the previous state is restored after.
 
-    On the CPU, fp32 linear layers run through :class:`DecodeLinear` meanwhile (``rows``: the rows decoded at
-    once, which the LM head's reordering is tuned for). Sampling runs without gradients, which it needs.
+    On the CPU, fp32 linear layers run through oneDNN meanwhile (:func:`~grpo_lightning.kernels.onednn_linears`),
+    the LM head reordered for ``rows`` (the rows decoded at once): the bulk of a decoding step. Sampling
+    runs without gradients, which that needs.
     """
     was_training, checkpointing = model.training, is_checkpointing(model)
-    swaps = _decode_swaps(model, rows)
     if checkpointing:
         set_checkpointing(model, False)
-    for parent, name, _, replacement in swaps:
-        setattr(parent, name, replacement)
     model.eval()
     try:
-        yield
+        with onednn_linears(causal_lm(model), packed_head_rows=rows):
+            yield
     finally:
         model.train(was_training)
-        for parent, name, layer, _ in swaps:
-            setattr(parent, name, layer)
         if checkpointing:
             set_checkpointing(model, True)
 
