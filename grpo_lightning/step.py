@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grpo_lightning.gated_mlp import gated_mlps
 from grpo_lightning.head_logprob import TiedWeightGrad, head_loss, tied_embedding
 from grpo_lightning.loss import drop_truncated, frac_reward_zero_std, group_advantages, grpo_loss
-from grpo_lightning.rollout import Rollout, causal_lm, completion_hidden, sequence_logprobs
+from grpo_lightning.rollout import Rollout, causal_lm, completion_hidden, is_checkpointing, sequence_logprobs
 from grpo_lightning.scoring import RewardFunc, Scores, score
 
 
@@ -162,7 +163,8 @@ def rows_loss(
         return (logp, entropy, *loss_of(logp, 0, logp.shape[0]))
     head = causal_lm(model).get_output_embeddings()
     sink, embed = _tied_embedding(model, head.weight)
-    hidden = completion_hidden(model, ids, attn, P, group, embed)
+    with gated_mlps(model, enabled=not is_checkpointing(model)):  # a checkpoint's recompute must match
+        hidden = completion_hidden(model, ids, attn, P, group, embed)
     loss, logp, entropy, stats = head_loss(
         hidden, head.weight, ids[:, P:], loss_of, chunk_rows, head.bias, temperature, sink
     )
