@@ -55,7 +55,8 @@ def test_greedy_samples_equal_plain_generate_token_for_token(tiny_model_dir):
     ours = generate_rollout(model, tokenizer, PROMPTS, 3, 24, generation_kwargs={"do_sample": False})
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        plain = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        plain = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=24,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
     plain = plain.repeat_interleave(3, dim=0)  # [N, P + C]
     C = plain.shape[1] - enc.input_ids.shape[1]
     mask = ours.completion_mask[:, :C].bool()  # ours stops each row at its first EOS; generate pads after it
