@@ -18,16 +18,17 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
-from grpo_lightning.allocator import check_mmap_threshold, set_mmap_threshold
+from grpo_lightning.allocator import set_mmap_threshold
 from grpo_lightning.distributed import (
     gather_objects, gather_rows, gradient_scale, no_backward_sync, rng_state, seed_this_process, set_rng_state,
     sum_over_processes,
 )
+from grpo_lightning.evaluation import EvaluationMixin
 from grpo_lightning.kernels import onednn_linears
 from grpo_lightning.lora import LoRA, adapters_off
-from grpo_lightning.loss import LOSS_AGGREGATIONS, REWARD_SCALES, token_mean_part
-from grpo_lightning.evaluation import EvaluationMixin
+from grpo_lightning.loss import token_mean_part
 from grpo_lightning.models import build_policy, frozen_copy
+from grpo_lightning.options import check_choices, check_memory_and_reference, check_sizes
 from grpo_lightning.precision import rounding_warning
 from grpo_lightning.rollout import Rollout, causal_lm, sequence_logprobs
 from grpo_lightning.sampling import generate_rollout
@@ -127,20 +128,11 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         malloc_mmap_threshold: int | None = 1 << 20,
     ):
         super().__init__()
-        self._check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
-        if not temperature > 0:
-            raise ValueError(f"model.temperature must be positive (log-probs divide the logits by it), got {temperature}")
-        self._check_choices(loss_type, scale_rewards, clip_eps, epsilon_high)
-        if malloc_mmap_threshold is not None:
-            check_mmap_threshold(malloc_mmap_threshold)
+        check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
+        check_choices(loss_type, scale_rewards, clip_eps, epsilon_high, temperature)
+        check_memory_and_reference(malloc_mmap_threshold, lora, ref_update_every, beta)
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
-        if lora is not None and ref_update_every and beta != 0:
-            raise ValueError(
-                "model.ref_update_every must be 0 with model.lora: the reference is the base model (adapters "
-                "off), which never changes. To continue from a trained policy, export it (merged) and start a "
-                "new run from the export."
-            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -149,26 +141,6 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         )
         self.reference = None if beta == 0 or lora is not None else frozen_copy(self.policy)
         self.timings: dict[str, float] = {}
-
-    @staticmethod
-    def _check_sizes(G: int, max_new: int, mu: int, rows_gen: int | None, rows_upd: int | None, chunk: int) -> None:
-        if G < 2:
-            raise ValueError(f"model.num_generations must be at least 2 (advantages compare samples), got {G}")
-        for name, value in (("max_new_tokens", max_new), ("mu", mu), ("logprob_chunk_rows", chunk)):
-            if value < 1:
-                raise ValueError(f"model.{name} must be at least 1, got {value}")
-        for name, value in (("rows_per_generate", rows_gen), ("rows_per_update", rows_upd)):
-            if value is not None and (value < 1 or value % G):
-                raise ValueError(f"model.{name} ({value}) must be a positive multiple of num_generations ({G})")
-
-    @staticmethod
-    def _check_choices(loss_type: str, scale_rewards: str, clip_eps: float, epsilon_high: float | None) -> None:
-        if loss_type not in LOSS_AGGREGATIONS:
-            raise ValueError(f"model.loss_type must be one of {sorted(LOSS_AGGREGATIONS)}, got {loss_type!r}")
-        if scale_rewards not in REWARD_SCALES:
-            raise ValueError(f"model.scale_rewards must be one of {sorted(REWARD_SCALES)}, got {scale_rewards!r}")
-        if clip_eps < 0 or (epsilon_high is not None and epsilon_high < 0):
-            raise ValueError(f"model.clip_eps ({clip_eps}) and model.epsilon_high ({epsilon_high}) must not be negative")
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
