@@ -25,6 +25,10 @@ from torch import Tensor
 from grpo_lightning.kernels import linear, times_weight
 
 
+def flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])  # [.., n] → [T, n]
+
+
 class GatedMLP(torch.autograd.Function):
     """(x [.., H], W_gate [I, H], W_up [I, H], W_down [H, I]) → down(silu(gate x) · up x) [.., H]."""
 
@@ -40,7 +44,6 @@ class GatedMLP(torch.autograd.Function):
         sig = torch.sigmoid(gate)
         act = gate * sig  # silu(gate), recomputed
         da = times_weight(dy, w_down)  # [.., I]
-        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [T, .]
         d_down = flat(dy).t() @ flat(act * up) if ctx.needs_input_grad[3] else None  # [H, I]
         d_up = da * act
         d_gate = da.mul_(up).mul_(sig * (1 + gate * (1 - sig)))  # silu'(g) = σ(g)(1 + g(1 − σ(g)))

@@ -52,8 +52,11 @@ NEUTRAL = {"top_k": (None, 0), "top_p": (None, 1.0), "min_p": (None,), "typical_
 
 
 def reshapes_distribution(kwargs: dict[str, Any]) -> bool:
-    """Whether ``generate`` options ask for more than softmax(logits / T) (a temperature of their own counts)."""
-    return "temperature" in kwargs or any(kwargs[k] not in NEUTRAL[k] for k in NEUTRAL.keys() & kwargs.keys())
+    """Whether ``generate`` options ask for more than softmax(logits / T): a temperature of their own, logits
+    processors of their own, or a filter in :data:`NEUTRAL` set to a value that filters."""
+    if "temperature" in kwargs or kwargs.get("logits_processor"):
+        return True
+    return any(kwargs[k] not in NEUTRAL[k] for k in NEUTRAL.keys() & kwargs.keys())
 
 
 class InverseCDFSampler(LogitsProcessor):
@@ -130,9 +133,10 @@ def generate_rollout(
     seed's behaviour: Qwen2.5-Instruct's top-k, top-p and repetition penalty). ``generation_kwargs`` are
     passed on last (e.g. ``{"do_sample": False}``, ``{"min_new_tokens": 64}``).
     ``rows_per_call`` bounds the rows of one ``generate`` call (memory).
+    Plain softmax(logits / T) sampling runs through :class:`InverseCDFSampler`; any option that reshapes the
+    distribution (:func:`reshapes_distribution`) leaves the sampling to ``generate``.
     ``record_logprobs`` keeps the log-prob of each sampled token under the distribution the sampler drew
-    it from (its processed scores); it holds [rows, C, V] scores per call, so it is meant for checks, not
-    for training at full vocabulary size.
+    it from (on ``generate``'s own path from its processed scores, [rows, C, V] per call: meant for checks).
     ``share_prompt`` prefills each prompt once and repeats its KV cache for its G samples.
     """
     device = next(model.parameters()).device

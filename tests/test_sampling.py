@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, TemperatureLogitsWarper
 
 from grpo_lightning.kernels import OneDNNLinear, linear, onednn_available, times_weight
 from grpo_lightning.sampling import generate_rollout, sampling_mode
@@ -94,7 +94,8 @@ def test_rollouts_draw_with_the_inverse_cdf_unless_generate_must_sample(tiny_mod
     monkeypatch.setattr(torch, "multinomial", refuse)
     neutral = {"min_new_tokens": 8, "top_k": 0, "top_p": 1.0}  # as the benchmark passes them
     generate_rollout(model, tokenizer, PROMPTS, 2, 8, temperature=0.7, generation_kwargs=neutral)
+    own_processor = LogitsProcessorList([TemperatureLogitsWarper(0.9)])
     for options in ({"generation_kwargs": {"top_k": 5}}, {"generation_kwargs": {"top_p": 0.9, "top_k": 0}},
-                    {"use_model_generation_config": True}):
+                    {"generation_kwargs": {"logits_processor": own_processor}}, {"use_model_generation_config": True}):
         with pytest.raises(AssertionError, match="multinomial"):
             generate_rollout(model, tokenizer, PROMPTS, 2, 8, **options)
