@@ -86,7 +86,7 @@ def onednn_linears(model: Any, packed_head_rows: int | None = None) -> Iterator[
     """Every fp32 CPU ``nn.Linear`` of ``model`` runs through :class:`OneDNNLinear` meanwhile, then is put back.
 
     ``packed_head_rows`` reorders the output embeddings (the LM head) for that many rows. For passes without
-    gradients only; outside Linux-x86 builds of torch without oneDNN this does nothing.
+    gradients only; where torch has no oneDNN (some non-x86 builds) this does nothing.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     swaps = []
