@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +26,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.logprob_memory import current_rss_mib, make_inputs
+from bench.logprob_memory import add_pass_arguments, current_rss_mib, dims_of, make_inputs, run_child
 from bench.timing import peak_rss_mib
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("checkpoint", "fused")
 
 
@@ -82,12 +80,8 @@ def measure(dims: dict, chunk_rows: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in VARIANTS:
             out_file = str(Path(tmp) / f"{variant}.pt")
-            cmd = [sys.executable, "-m", "bench.head_backward", "--child", variant, "--out", out_file,
-                   "--dims", json.dumps(dims), "--chunk-rows", str(chunk_rows), "--repeats", str(repeats)]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            report[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            report[variant] = run_child("bench.head_backward", variant, "--out", out_file, "--dims", json.dumps(dims),
+                                        "--chunk-rows", str(chunk_rows), "--repeats", str(repeats))
             results[variant] = torch.load(out_file)
     a, b = results["checkpoint"], results["fused"]
     report["max_abs_diff"] = {name: (x - y).abs().max().item() for name, x, y in zip(("logp", "d_hidden", "d_weight"), a, b)}
@@ -96,21 +90,13 @@ def measure(dims: dict, chunk_rows: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=896)
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--chunk-rows", type=int, default=2)
+    add_pass_arguments(parser, rows=8, tokens=64, chunk_rows=2, variants=VARIANTS)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--dims", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_variant(args.child, json.loads(args.dims), args.chunk_rows, args.repeats, args.out)))
         return
-    dims = {"rows": args.rows, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
-    r = measure(dims, args.chunk_rows, args.repeats)
+    r = measure(dims_of(args), args.chunk_rows, args.repeats)
     print(f"LM-head log-prob forward + backward, {args.rows} rows x {args.tokens} tokens x hidden {args.hidden} x "
           f"vocab {args.vocab:,} (fp32), {args.chunk_rows} rows a chunk, best of {args.repeats}")
     print(f"{'variant':<12}{'wall s':>8}{'cpu s':>8}{'peak above inputs (MiB)':>25}")

@@ -28,6 +28,30 @@ from bench.timing import peak_rss_mib
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_child(module: str, variant: str, *args: str) -> dict:
+    """``python -m <module> --child <variant> <args>`` in a fresh process; its last stdout line is its JSON report."""
+    proc = subprocess.run([sys.executable, "-m", module, "--child", variant, *args], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_pass_arguments(parser: argparse.ArgumentParser, rows: int, tokens: int, chunk_rows: int, variants: tuple) -> None:
+    """The LM-head pass's geometry (Qwen2.5's hidden size and vocabulary by default) and the child's own arguments."""
+    parser.add_argument("--rows", type=int, default=rows)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--hidden", type=int, default=896)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--chunk-rows", type=int, default=chunk_rows)
+    parser.add_argument("--child", choices=variants, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--dims", help=argparse.SUPPRESS)
+
+
+def dims_of(args: argparse.Namespace) -> dict:
+    return {"rows": args.rows, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
+
+
 def current_rss_mib() -> float:
     """Resident set size now (second field of /proc/self/statm, in pages)."""
     import os
@@ -98,12 +122,8 @@ def measure(dims: dict, chunk_rows: int) -> dict:
         results = {}
         for variant in ("full", "ours"):
             out_file = str(Path(tmp) / f"{variant}.pt")
-            cmd = [sys.executable, "-m", "bench.logprob_memory", "--child", variant, "--out", out_file,
-                   "--dims", json.dumps(dims), "--chunk-rows", str(chunk_rows)]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            report[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            report[variant] = run_child("bench.logprob_memory", variant, "--out", out_file, "--dims", json.dumps(dims),
+                                        "--chunk-rows", str(chunk_rows))
             results[variant] = torch.load(out_file)
         report["max_abs_diff"] = (results["full"] - results["ours"]).abs().max().item()
     report["peak_ratio"] = report["full"]["peak_extra_mib"] / max(report["ours"]["peak_extra_mib"], 1e-9)
@@ -124,21 +144,13 @@ def print_report(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=896)
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--chunk-rows", type=int, default=1)
+    add_pass_arguments(parser, rows=16, tokens=512, chunk_rows=1, variants=("full", "ours"))
     parser.add_argument("--json", help="also write the report here")
-    parser.add_argument("--child", choices=("full", "ours"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--dims", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_variant(args.child, json.loads(args.dims), args.chunk_rows, args.out)))
         return
-    dims = {"rows": args.rows, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
-    report = measure(dims, args.chunk_rows)
+    report = measure(dims_of(args), args.chunk_rows)
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

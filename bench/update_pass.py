@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,10 +22,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import workload
-from bench.logprob_memory import current_rss_mib
+from bench.logprob_memory import current_rss_mib, run_child
 from bench.timing import peak_rss_mib
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_variant(setting_name: str, fused: bool, repeats: int) -> dict:
@@ -76,12 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"one update (forward + backward + fused Adam), setting ({args.setting}), best of {args.repeats}")
     print(f"{'fused_head_loss':<17}{'wall s':>8}{'cpu s':>8}{'peak above loaded (MiB)':>25}")
     for flag in ("off", "on"):
-        cmd = [sys.executable, "-m", "bench.update_pass", "--setting", args.setting, "--repeats", str(args.repeats),
-               "--child", flag]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{flag} failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = run_child("bench.update_pass", flag, "--setting", args.setting, "--repeats", str(args.repeats))
         print(f"{flag:<17}{r['seconds']:>8.2f}{r['cpu_seconds']:>8.2f}{r['peak_extra_mib']:>25.0f}", flush=True)
 
 

@@ -80,10 +80,11 @@ class HeadLogProb(torch.autograd.Function):
         for start in range(0, N, chunk_rows):
             rows = slice(start, start + chunk_rows)
             z = _logits(hidden[rows], weight, bias, temperature)
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            logp[rows] = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
-            if with_entropy:  # H = lse − Σ p·z, from the logits this chunk has anyway
-                entropy[rows] = lse[rows] - (z - lse[rows].unsqueeze(-1)).exp_().mul_(z).sum(-1)
+            picked = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
+            lse[rows], chunk_entropy = _softmax_in_place(z)  # z is spent: the backward recomputes it
+            logp[rows] = picked - lse[rows]
+            if with_entropy:
+                entropy[rows] = chunk_entropy
             del z  # the next chunk's logits reuse the memory
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows

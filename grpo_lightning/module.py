@@ -289,8 +289,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         scale = gradient_scale(self._strategy)
         old_logp = torch.zeros(mask.shape, device=self.device) if hp.mu > 1 else None  # [n, C]
         totals: dict[str, torch.Tensor] = {}
-        for update in range(hp.mu):
-            optimizer.zero_grad()
+        for update in range(hp.mu):  # (no gradients here: each step ends by freeing its own)
             totals = {}
             for start in range(0, n, per):
                 rows = slice(start, start + per)

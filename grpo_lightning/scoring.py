@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from grpo_lightning.rewards import correctness_reward, format_reward
 
 RewardFunc = Callable[..., Sequence[Any]]
@@ -92,14 +95,23 @@ class Scores:
     total: list[float]  # [N] Σ weight·value, a None counting 0
     per_function: dict[str, list[float | None]]  # name → [N] values as returned (None: not applicable)
 
+    def columns(self, device: Any = None) -> dict[str, Tensor]:
+        """Each function's values as a float64 column [N], NaN where it did not apply."""
+        return {
+            name: torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64, device=device)
+            for name, values in self.per_function.items()
+        }
+
     def means(self) -> dict[str, float]:
         """Each function's mean over the completions it applied to (functions that applied to none are left out)."""
-        out = {}
-        for name, values in self.per_function.items():
-            applied = [v for v in values if v is not None]
-            if applied:
-                out[name] = sum(applied) / len(applied)
-        return out
+        means = {name: applied_mean(column) for name, column in self.columns().items()}
+        return {name: mean.item() for name, mean in means.items() if mean is not None}
+
+
+def applied_mean(column: Tensor) -> Tensor | None:
+    """The mean of a :meth:`Scores.columns` column over the completions it applied to; None if it applied to none."""
+    applied = column[~column.isnan()]
+    return applied.mean() if applied.numel() else None
 
 
 def _checked(name: str, values: Any, n: int) -> list[float | None]:

@@ -24,7 +24,7 @@ from grpo_lightning.gated_mlp import gated_mlps
 from grpo_lightning.head_logprob import TiedWeightGrad, head_loss, tied_embedding
 from grpo_lightning.loss import drop_truncated, frac_reward_zero_std, group_advantages, grpo_loss
 from grpo_lightning.rollout import Rollout, causal_lm, completion_hidden, is_checkpointing, sequence_logprobs
-from grpo_lightning.scoring import RewardFunc, Scores, score
+from grpo_lightning.scoring import RewardFunc, Scores, applied_mean, score
 
 
 @dataclass
@@ -88,14 +88,12 @@ def prepare_batch(
     rewards = torch.tensor(scores.total, dtype=torch.float32, device=mask.device)  # [N]
     if mask_truncated_completions:
         mask = drop_truncated(mask, rollout.truncated)
-    nan = float("nan")
     columns = {
         "reward": rewards,
         "length": rollout.completion_mask.sum(dim=1).float(),
         "truncated": rollout.truncated.float(),
         "tokens": mask.sum(dim=1).float(),
-        **{f"reward/{name}": torch.tensor([nan if v is None else v for v in values], dtype=torch.float64, device=mask.device)
-           for name, values in scores.per_function.items()},
+        **{f"reward/{name}": column for name, column in scores.columns(mask.device).items()},
     }
     step_rows = gather({k: v.to(mask.device) for k, v in columns.items()})
     step_rewards = step_rows["reward"]  # [W*N]
@@ -119,12 +117,8 @@ def step_metrics(data: GRPOBatch) -> dict[str, Tensor]:
     """
     rows = data.step_rows
     lengths = rows["length"]  # [W*N]
-    per_function = {}
-    for name in data.scores.per_function:
-        values = rows[f"reward/{name}"]
-        applied = values[~values.isnan()]
-        if applied.numel():
-            per_function[f"reward/{name}"] = applied.mean().float()
+    means = {f"reward/{name}": applied_mean(rows[f"reward/{name}"]) for name in data.scores.per_function}
+    per_function = {name: mean.float() for name, mean in means.items() if mean is not None}
     return {
         "reward": rows["reward"].mean(),
         "reward/std": rows["reward"].std(),

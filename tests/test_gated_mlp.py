@@ -1,6 +1,5 @@
 """The gated MLP with its own backward: the module's output and gradients, two [T, I] tensors fewer kept."""
 
-import pytest
 import torch
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP

@@ -103,11 +103,18 @@ def test_tied_weight_gradient_gathered_in_the_head_buffer_equals_autograd():
     plain, *_ = head_loss(hidden, weight, ids[:, 1:], loss_of, chunk_rows=2, bias=bias)
     expected = torch.autograd.grad(2.0 * plain, (weight, bias, scale))
 
-    sink = TiedWeightGrad()
+    class Recording(TiedWeightGrad):  # remembers the buffer the head left for the embedding
+        def __setattr__(self, name, value):
+            if name == "grad" and value is not None:
+                object.__setattr__(self, "received", value)
+            object.__setattr__(self, name, value)
+
+    sink = Recording()
     hidden = torch.tanh(tied_embedding(inputs, weight, 0, sink) * scale)
     folded, *_ = head_loss(hidden, weight, ids[:, 1:], loss_of, chunk_rows=2, bias=bias, sink=sink)
     got = torch.autograd.grad(2.0 * folded, (weight, bias, scale))  # the incoming gradient 2 scales both parts
     assert torch.equal(folded, plain) and sink.grad is None  # the buffer went on to autograd
+    assert got[0].data_ptr() == sink.received.data_ptr()  # one [V, H] buffer holds both parts
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, atol=1e-6)
 
