@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -95,20 +96,50 @@ def seed_this_process(rank: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random-number state (torch, CUDA, Python): what sampling draws from."""
+    """This process's random-number state (torch, its own CUDA device's, Python): what sampling draws from.
+
+    Only the current device's CUDA state: a process samples on its one device, and a resume may see fewer GPUs.
+    """
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "python": random.getstate(),
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore a state saved by :func:`rng_state`."""
+    """Restore a state saved by :func:`rng_state` (or by the older layout, a list of every visible device's)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # every visible device's: this process's own is its current device's
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None
+    if cuda is not None and len(cuda) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     random.setstate(state["python"])
+
+
+def restore_rng_states(states: Any, rank: int, world: int) -> None:
+    """Restore process ``rank``'s state from a checkpoint's ``rng_states`` (one per process; None: nothing).
+
+    A checkpoint of another number of processes restores what it has, with a warning: sampling then will not
+    repeat what the stopped run would have drawn.
+    """
+    if states is None:
+        return
+    states = [states] if isinstance(states, dict) else states  # a checkpoint of one process, older layout
+    if len(states) != world:
+        rank_zero_warn(
+            f"the checkpoint holds the random states of {len(states)} processes, this run has {world}: "
+            "sampling will not repeat what the stopped run would have drawn"
+        )
+    if rank < len(states):
+        set_rng_state(states[rank])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a no-op elsewhere), so that a phase's time is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def gather_objects(strategy: Any, obj: Any) -> list[Any]:

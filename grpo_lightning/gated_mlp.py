@@ -10,6 +10,10 @@ the product in the backward pass, which are elementwise and cheap: two [T, I] te
 :func:`gated_mlps` switches it on for the layers it applies to (plain bias-free ``nn.Linear`` projections,
 SiLU), for the forward passes run inside it; a layer with LoRA adapters, or a model with activation
 checkpointing on (its recomputation would not match), keeps the module's own forward.
+
+Under autocast (``bf16-mixed``) the forward's products run in bf16 as ``nn.Linear``'s would, and the
+backward pass runs under the autocast state its forward recorded, whatever surrounds it: its products then
+take bf16 gradients and fp32 weights alike, as autograd's own backward of ``nn.Linear`` under autocast does.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from grpo_lightning.kernels import linear, times_weight
+from grpo_lightning.precision import autocast_as, autocast_state
 
 
 def flat(t: Tensor) -> Tensor:
@@ -36,10 +41,16 @@ class GatedMLP(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down):
         gate, up = linear(x, w_gate), linear(x, w_up)  # [.., I] each
         ctx.save_for_backward(x, w_gate, w_up, w_down, gate, up)
+        ctx.amp = autocast_state(x.device.type)
         return linear(F.silu(gate) * up, w_down)
 
     @staticmethod
     def backward(ctx, dy):
+        with autocast_as(ctx.amp):
+            return GatedMLP._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, w_gate, w_up, w_down, gate, up = ctx.saved_tensors
         sig = torch.sigmoid(gate)
         act = gate * sig  # silu(gate), recomputed

@@ -17,6 +17,13 @@ buffer with ``addmm_`` instead of returning a fresh [V, H] gradient per chunk fo
 :class:`HeadLogProb` still takes four head products (forward, recompute, dh, dW): its backward cannot
 know g before the loss exists. :class:`HeadLoss` takes the loss itself, computes g while a chunk's logits
 exist and so needs three; the update uses it (``GRPOModule(fused_head_loss=True)``).
+
+Precision. The head products run as autocast runs ``F.linear`` (bf16 or fp16 on a GPU, or ``bf16-mixed``
+on the CPU), the softmax, logsumexp and entropy always in fp32. A backward pass that computes runs under the
+autocast state its forward recorded. Under ``16-mixed`` the GradScaler multiplies the loss by S before the
+backward pass, but :class:`HeadLoss` takes its gradients inside the forward pass: it is told S
+(``loss_scale``) and forms its fp16 products on S-scaled values, as the backward pass would have, so small
+gradients do not underflow; its backward then scales by the incoming gradient over S.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from grpo_lightning.kernels import linear, times_weight
+from grpo_lightning.precision import autocast_as, autocast_state
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
@@ -49,8 +57,14 @@ def _softmax_in_place(z: Tensor, block: int = 8) -> tuple[Tensor, Tensor]:
 
     ``block`` positions at a time, so no second [n, C, V] buffer ever exists (``torch.logsumexp`` and
     ``exp(z − lse)`` would each make one: 78 MiB for 2 rows × 64 tokens of Qwen2.5's vocabulary).
-    H = lse − Σ p·z is taken from each block's p and z before p replaces z.
+    H = lse − Σ p·z is taken from each block's p and z before p replaces z, in fp32 even under autocast (a
+    bf16 dot product over 151,936 entries is off by up to 0.1 nat).
     """
+    with torch.autocast(z.device.type, enabled=False):
+        return _softmax_in_place_fp32(z, block)
+
+
+def _softmax_in_place_fp32(z: Tensor, block: int) -> tuple[Tensor, Tensor]:
     flat = z.view(-1, z.shape[-1])  # [n·C, V]
     lse, entropy = torch.empty(flat.shape[0], device=z.device), torch.empty(flat.shape[0], device=z.device)
     for start in range(0, flat.shape[0], block):
@@ -87,7 +101,7 @@ class HeadLogProb(torch.autograd.Function):
                 entropy[rows] = chunk_entropy
             del z  # the next chunk's logits reuse the memory
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.temperature, ctx.chunk_rows, ctx.amp = temperature, chunk_rows, autocast_state(hidden.device.type)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -99,14 +113,15 @@ class HeadLogProb(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None  # the one [V, H] buffer every chunk adds into
         db = torch.zeros_like(bias) if need_b else None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, scale = hidden[rows], grad_logp[rows].float() / T  # [n, C, H], [n, C]
-            dz = _logits(h, weight, bias, T).sub_(lse[rows].unsqueeze(-1)).exp_()  # p, in place
-            dz.mul_(-scale.unsqueeze(-1)).scatter_add_(-1, targets[rows].unsqueeze(-1), scale.unsqueeze(-1))
-            dz = dz.to(weight.dtype)  # a no-op in fp32; in half precision the products run as the forward's did
-            _add_chunk_grads(dz, h, weight, rows, dh, dw, db)
-            del dz
+        with autocast_as(ctx.amp):  # the recomputed logits must be the forward's
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h, scale = hidden[rows], grad_logp[rows].float() / T  # [n, C, H], [n, C]
+                dz = _logits(h, weight, bias, T).sub_(lse[rows].unsqueeze(-1)).exp_()  # p, in place
+                dz.mul_(-scale.unsqueeze(-1)).scatter_add_(-1, targets[rows].unsqueeze(-1), scale.unsqueeze(-1))
+                dz = dz.to(weight.dtype)  # a no-op in fp32; in half precision the products run as the forward's did
+                _add_chunk_grads(dz, h, weight, rows, dh, dw, db)
+                del dz
         return dh, dw, db, None, None, None, None
 
 
@@ -130,7 +145,7 @@ class HeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side, sink):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side, sink, loss_scale):
         N, C, _ = hidden.shape
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.zeros_like(hidden) if need_h else None
@@ -152,12 +167,12 @@ class HeadLoss(torch.autograd.Function):
             total += loss.detach()
             for key, value in chunk_stats.items():
                 stats[key] = stats.get(key, 0) + value
-            scale = g / temperature
+            scale = g * (loss_scale / temperature)  # S-scaled, as the backward pass's incoming gradient will be
             dz = p.mul_(-scale.unsqueeze(-1)).scatter_add_(-1, t.unsqueeze(-1), scale.unsqueeze(-1)).to(weight.dtype)
             _add_chunk_grads(dz, h, weight, rows, dh, dw, db)
             del p, dz
         side.update(logp=logp, entropy=entropy, stats=stats)
-        ctx.grads, ctx.sink = (dh, dw, db), sink
+        ctx.grads, ctx.sink, ctx.loss_scale = (dh, dw, db), sink, loss_scale
         return total
 
     @staticmethod
@@ -165,23 +180,25 @@ class HeadLoss(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("HeadLoss keeps its gradients for one backward pass only (retain_graph is not supported)")
         # in place: the buffers are this node's own, and a second [V, H] tensor is what the fusion avoids
-        dh, dw, db = [None if g is None else g if grad_loss.item() == 1.0 else g.mul_(grad_loss) for g in ctx.grads]
+        factor = grad_loss.item() / ctx.loss_scale  # the buffers already hold the loss scale S
+        dh, dw, db = [None if g is None else g if factor == 1.0 else g.mul_(factor) for g in ctx.grads]
         ctx.grads = None  # a caller holding the loss must not keep the [V, H] buffer alive after the backward pass
         if ctx.sink is not None and dw is not None:  # the tied embedding's backward adds to it and hands it on
             ctx.sink.grad, dw = dw, None
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 def head_loss(
     hidden: Tensor, weight: Tensor, targets: Tensor, loss_fn, chunk_rows: int = 2, bias: Tensor | None = None,
-    temperature: float = 1.0, sink: TiedWeightGrad | None = None,
+    temperature: float = 1.0, sink: TiedWeightGrad | None = None, loss_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
     """(loss, log-probs [N, C] detached, entropies [N, C], summed stats) of :class:`HeadLoss`.
 
-    With a ``sink``, the weight's gradient goes there instead (see :class:`TiedWeightGrad`).
+    With a ``sink``, the weight's gradient goes there instead (see :class:`TiedWeightGrad`). ``loss_scale``:
+    the factor S a GradScaler will multiply the loss by before the backward pass (1 without one).
     """
     side: dict = {}
-    loss = HeadLoss.apply(hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side, sink)
+    loss = HeadLoss.apply(hidden, weight, bias, targets, temperature, chunk_rows, loss_fn, side, sink, loss_scale)
     return loss, side["logp"], side["entropy"], side["stats"]
 
 
@@ -217,7 +234,7 @@ class TiedEmbedding(torch.autograd.Function):
         if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
             keep = ids != ctx.padding_idx
             ids, grad = ids[keep], grad[keep]
-        dw.index_add_(0, ids, grad.to(dw.dtype))
+        dw.index_add_(0, ids, grad.to(dw.dtype))  # explicit: the gradient's dtype is autocast's, the buffer's fp32
         return None, dw, None, None
 
 

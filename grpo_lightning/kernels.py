@@ -14,7 +14,8 @@ of this workload. Measured on 2 cores (AVX-512), fp32, median of repeats, torch'
 
 Values agree within float rounding (relative 1e-6). The kernel has no backward, so it serves what runs
 without a graph: decoding, the reference pass, and the products inside the LM head's own autograd
-functions. Everything else, and other dtypes and devices, keep torch's ``F.linear``.
+functions. Everything else, other dtypes and devices, and anything under autocast (``bf16-mixed``: the
+products then run in bf16, as on a GPU) keep torch's ``F.linear``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def onednn_available() -> bool:
 
 
 def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
+    # Under autocast the product must run as autocast runs it (bf16 or fp16, as on a GPU): the kernel steps aside.
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return (not needs_graph and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and onednn_available())
+            and not torch.is_autocast_enabled("cpu") and onednn_available())
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -77,6 +79,8 @@ class OneDNNLinear(torch.nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if torch.is_grad_enabled():
             raise RuntimeError("OneDNNLinear has no backward: use it only where no graph is built")
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # autocast's own product, as on a GPU
+            return self.layer(x)
         bias = None if self.layer.bias is None else self.layer.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.kernel_weight, bias, "none", [], "")
 
@@ -86,11 +90,12 @@ def onednn_linears(model: Any, packed_head_rows: int | None = None) -> Iterator[
     """Every fp32 CPU ``nn.Linear`` of ``model`` runs through :class:`OneDNNLinear` meanwhile, then is put back.
 
     ``packed_head_rows`` reorders the output embeddings (the LM head) for that many rows. For passes without
-    gradients only; where torch has no oneDNN (some non-x86 builds) this does nothing.
+    gradients only; where torch has no oneDNN (some non-x86 builds), or under autocast (whose bf16 or fp16
+    products are what a GPU runs), this does nothing.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     swaps = []
-    if onednn_available():
+    if onednn_available() and not torch.is_autocast_enabled("cpu"):
         for parent in model.modules():
             for name, child in parent.named_children():
                 w = getattr(child, "weight", None)

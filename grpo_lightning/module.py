@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from grpo_lightning.allocator import set_mmap_threshold
 from grpo_lightning.distributed import (
-    gather_objects, gather_rows, gradient_scale, no_backward_sync, rng_state, seed_this_process, set_rng_state,
-    sum_over_processes,
+    gather_objects, gather_rows, gradient_scale, no_backward_sync, restore_rng_states, rng_state, seed_this_process,
+    sum_over_processes, synchronize,
 )
 from grpo_lightning.evaluation import EvaluationMixin
 from grpo_lightning.kernels import onednn_linears
@@ -29,7 +29,7 @@ from grpo_lightning.lora import LoRA, adapters_off
 from grpo_lightning.loss import token_mean_part
 from grpo_lightning.models import build_policy, frozen_copy
 from grpo_lightning.options import check_choices, check_memory_and_reference, check_sizes
-from grpo_lightning.precision import rounding_warning
+from grpo_lightning.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
 from grpo_lightning.rollout import Rollout, causal_lm, sequence_logprobs
 from grpo_lightning.sampling import generate_rollout
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
@@ -66,7 +66,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         reset_optimizer_on_ref_update: Clear the optimizer state at each reference refresh, as the seed does.
         optimizer: Optimizer factory; default Adam with lr 5e-6 (the seed's), fused.
         lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
-        grad_clip: Gradient-norm clipping value; 0 disables it.
+        grad_clip: Clip the trainable gradients' total norm (logged before clipping as ``grad_norm``) to this;
+            0 disables it.
         gradient_checkpointing: Recompute decoder activations in the backward pass (saves memory, costs time).
         input_require_grads: Make embedding outputs require grad, as the seed does for reentrant checkpointing.
         rows_per_generate: Rows per ``generate`` call while sampling; ``None`` for all B*G at once.
@@ -85,9 +86,9 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
-        malloc_mmap_threshold: From ``setup`` on, glibc returns freed buffers of this many bytes or more to the
-            OS instead of keeping them in its heap (lower peak memory on the CPU; the whole process, Linux with
-            glibc only; see :mod:`~grpo_lightning.allocator`). ``None`` leaves malloc as it is.
+        malloc_mmap_threshold: Training on the CPU, glibc returns freed buffers of this many bytes or more to
+            the OS (lower peak memory; the whole process, glibc only; :mod:`~grpo_lightning.allocator`).
+            ``None``, or a GPU run (host buffers are not its step's memory), leaves malloc as it is.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         )
         self.reference = None if beta == 0 or lora is not None else frozen_copy(self.policy)
         self.timings: dict[str, float] = {}
+        self._loss_scale, self._grad_norm = 1.0, torch.zeros(())
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -173,7 +175,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         # Before a checkpoint's random states are restored: every process samples from its own stream.
         seed_this_process(self.global_rank)
-        if self.hparams.malloc_mmap_threshold is not None:
+        if self.hparams.malloc_mmap_threshold is not None and self.trainer.strategy.root_device.type == "cpu":
             set_mmap_threshold(self.hparams.malloc_mmap_threshold)
 
     @property
@@ -187,18 +189,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         checkpoint["rng_states"] = gather_objects(self._strategy, rng_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
-        if states is None:
-            return
-        states = [states] if isinstance(states, dict) else states  # a checkpoint of one process, older layout
         rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        if len(states) != world:
-            rank_zero_warn(
-                f"the checkpoint holds the random states of {len(states)} processes, this run has {world}: "
-                "sampling will not repeat what the stopped run would have drawn"
-            )
-        if rank < len(states):
-            set_rng_state(states[rank])
+        restore_rng_states(checkpoint.get("rng_states"), rank, world)
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
@@ -237,15 +229,15 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         # a bad reward function stops the step here, before any update
         scores = score_rollout(self.reward_funcs, batch, rollout, self.hparams.num_generations)
         data = self._timed("reference", self._advantages, rollout, scores)
-        # The old policy's log-probs need no pass of their own: they are the first update's, detached.
-        self.timings["old_policy"] = 0.0
         stats = self._timed("update", self._update, data)
         self._log_step(data, stats)
         self._log_samples(step, batch, rollout, scores.total)
 
     def _timed(self, name: str, stage: Any, *args: Any) -> Any:
+        synchronize(self.device)  # a GPU runs behind the host: its work lands in the phase that queued it
         clock = time.perf_counter()
         out = stage(*args)
+        synchronize(self.device)
         self.timings[name] = time.perf_counter() - clock
         return out
 
@@ -286,7 +278,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         mask = data.loss_mask
         n = mask.shape[0]  # this process's rows
         per = hp.rows_per_update or n
-        scale = gradient_scale(self._strategy)
+        scale, self._loss_scale = gradient_scale(self._strategy), loss_scale(grad_scaler(self._trainer))
         old_logp = torch.zeros(mask.shape, device=self.device) if hp.mu > 1 else None  # [n, C]
         totals: dict[str, torch.Tensor] = {}
         for update in range(hp.mu):  # (no gradients here: each step ends by freeing its own)
@@ -301,21 +293,41 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
                 stats = {"loss": loss.detach(), **stats, "entropy": token_mean_part(entropy, mask[rows], data.num_tokens)}
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0) + value
-            if hp.grad_clip:
-                self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            if grad_scaler(self._trainer) is None:  # (a GradScaler's gradients: once unscaled, in the step's hook)
+                self._clip_gradients()
             optimizer.step()
+            # Autocast may have cached bf16 casts of the weights the step just changed in place (Lightning < 2.6
+            # keeps its cache on): the next update must read the new weights.
+            torch.clear_autocast_cache()
             optimizer.zero_grad()  # the gradients are spent: sampling and the next forward pass reuse their memory
             if scheduler is not None:
                 scheduler.step()
-        return sum_over_processes(self._strategy, totals)  # statistics of the last of the μ updates, whole step
+        # statistics of the last of the μ updates, whole step (the norm is already every process's gradients')
+        return {**sum_over_processes(self._strategy, totals), "grad_norm": self._grad_norm}
+
+    def _clip_gradients(self) -> None:
+        """Clip the trainable gradients (true values, not loss-scaled) to ``grad_clip``; keep their norm before it."""
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        root = getattr(self._strategy, "model", None)  # the FSDP(1) root owns the flat shards' norm
+        self._grad_norm = clip_grad_norm(params, self.hparams.grad_clip, root).detach()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # Under a GradScaler (16-mixed) Lightning unscales a plain optimizer's gradients just before this hook,
+        # inside optimizer.step(); a fused one would unscale in its own step, after clipping: do it now (the
+        # scaler records it, and the fused step does not unscale again).
+        scaler = grad_scaler(self._trainer)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+        if scaler is not None:
+            self._clip_gradients()
 
     def _rows_loss(self, data: GRPOBatch, rows: slice, old_logp: torch.Tensor | None) -> tuple:
         hp = self.hparams
         return rows_loss(
             self.policy, data, rows, old_logp, fused=hp.fused_head_loss, chunk_rows=hp.logprob_chunk_rows,
             group=hp.num_generations if hp.share_prompt else 1, recompute=hp.logprob_recompute,
-            temperature=hp.temperature, clip_eps=hp.clip_eps, beta=hp.beta, epsilon_high=hp.epsilon_high,
-            loss_type=hp.loss_type, max_new_tokens=hp.max_new_tokens,
+            temperature=hp.temperature, loss_scale=self._loss_scale, clip_eps=hp.clip_eps, beta=hp.beta,
+            epsilon_high=hp.epsilon_high, loss_type=hp.loss_type, max_new_tokens=hp.max_new_tokens,
         )
 
     def _log_step(self, data: GRPOBatch, stats: dict) -> None:

@@ -6,11 +6,16 @@ bfloat16, 2^-10 for float16, 2^-23 for float32). Adam's step is about lr in size
 with bfloat16 weights of magnitude 0.02 (spacing 2^-13 ≈ 1.2e-4) a step of 5e-6 changes nothing: the seed's
 GPU settings (bf16 weights, lr 5e-6) leave most weights where they started. fp32 master weights with bf16
 compute (``trainer.precision: bf16-mixed``, ``model.dtype: float32``) avoid it.
+
+The second half holds what the step needs under mixed precision: the autocast state that the custom
+autograd Functions restore in their backward passes, the GradScaler's loss scale (``16-mixed``), and
+gradient-norm clipping that works with fused optimizers and sharded gradients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,3 +68,46 @@ def rounding_warning(groups: Iterable[dict]) -> str | None:
         "weights instead (model.dtype: float32 with trainer.precision: bf16-mixed, which still computes in "
         "bf16), or raise the learning rate."
     )
+
+
+# --- mixed precision in the step: autocast state, loss scaling and clipping -------------------------------
+
+
+def autocast_state(device_type: str) -> tuple[str, torch.dtype, bool]:
+    """(device type, dtype, enabled) of autocast now: what a custom autograd Function's forward ran under."""
+    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+
+
+def autocast_as(state: tuple[str, torch.dtype, bool]) -> torch.autocast:
+    """Autocast as recorded by :func:`autocast_state`, for a backward pass to compute as its forward did.
+
+    (``torch.amp.custom_bwd`` does the same for one device type fixed when the Function is defined; these
+    Functions run on whatever device the model is on.) Casts are not cached: the weights change in place.
+    """
+    device_type, dtype, enabled = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+def grad_scaler(trainer: Any) -> Any:
+    """The ``GradScaler`` of the trainer's precision (``16-mixed``); None for every other precision."""
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+
+
+def loss_scale(scaler: Any) -> float:
+    """The factor the scaler multiplies the loss by in the coming backward pass (1 without one)."""
+    return 1.0 if scaler is None else float(scaler.get_scale())
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float, root: Any = None) -> Tensor:
+    """The gradients' total 2-norm, after scaling them down to ``max_norm`` when it is positive.
+
+    Lightning's own clipping cannot serve here: ``MixedPrecision.clip_gradients`` refuses a fused optimizer
+    and ``FSDPPrecision.clip_grad_by_norm`` refuses norm clipping. torch's ``clip_grad_norm_`` takes the norm
+    over DTensor shards (FSDP2) as one tensor. FSDP1's flat shards need their root's own method (``root``, when
+    it is an FSDP module; not run on this project's test machines, which have no GPU).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(root, FullyShardedDataParallel):
+        return root.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=None)

@@ -132,14 +132,15 @@ def step_metrics(data: GRPOBatch) -> dict[str, Tensor]:
 
 def rows_loss(
     model: Any, data: GRPOBatch, rows: slice, old_logp: Tensor | None, *, fused: bool, chunk_rows: int, group: int,
-    recompute: bool, temperature: float, **loss_kwargs: Any,
+    recompute: bool, temperature: float, loss_scale: float = 1.0, **loss_kwargs: Any,
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """(log-probs [rows, C], entropies [rows, C], the step's GRPO loss part of ``rows``, its detached stats).
 
     ``old_logp`` [n, C] covers all of this process's rows (``None`` at the first update); ``loss_kwargs`` go to
     :func:`~grpo_lightning.loss.grpo_loss` with the step's counts. ``fused`` takes the loss's gradient inside
     the LM-head pass (:class:`~grpo_lightning.head_logprob.HeadLoss`); otherwise autograd runs through
-    :func:`~grpo_lightning.rollout.sequence_logprobs`. Both give the same loss and gradients.
+    :func:`~grpo_lightning.rollout.sequence_logprobs`. Both give the same loss and gradients. ``loss_scale``
+    is the GradScaler's factor for the coming backward pass (``16-mixed``), which the fused pass applies itself.
     """
     r = data.rollout
     ids, attn, P = r.input_ids[rows], r.attention_mask[rows], r.prompt_length
@@ -160,7 +161,7 @@ def rows_loss(
     with gated_mlps(model, enabled=not is_checkpointing(model)):  # a checkpoint's recompute must match
         hidden = completion_hidden(model, ids, attn, P, group, embed)
     loss, logp, entropy, stats = head_loss(
-        hidden, head.weight, ids[:, P:], loss_of, chunk_rows, head.bias, temperature, sink
+        hidden, head.weight, ids[:, P:], loss_of, chunk_rows, head.bias, temperature, sink, loss_scale
     )
     return logp, entropy, loss, stats
 
