@@ -60,7 +60,9 @@ class AccuracyCallback(L.Callback):
         rows: list[dict] = []
         loader = datamodule.val_dataloader()
         for batch in tqdm(loader, desc=f"Accuracy {stage} training", disable=not trainer.is_global_zero):
-            batch_rows = module.evaluate_batch(batch)
+            # under the trainer's precision (autocast for bf16-mixed), as validate and the training samples run
+            with trainer.precision_plugin.val_step_context():
+                batch_rows = module.evaluate_batch(batch)
             correct = torch.tensor([r["correct"] for r in batch_rows], device=module.device)
             metric.update(correct, torch.ones_like(correct))
             rows += batch_rows
