@@ -69,9 +69,18 @@ class Probe(L.Callback):
                 "global_step": trainer.global_step,
                 "logged": self.logged,
                 "world_size": trainer.world_size,
+                "precision": trainer.precision,
+                "fused": module.optimizers().optimizer.defaults.get("fused"),
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
+
+
+class CudaKernelsOnly(L.Callback):
+    """Switches the CPU-only oneDNN kernels off in this process from its construction on, as on CUDA."""
+
+    def __init__(self) -> None:
+        torch.backends.mkldnn.is_available = lambda: False
 
 
 class FixedRollouts(L.Callback):

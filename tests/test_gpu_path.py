@@ -167,3 +167,23 @@ def test_malloc_threshold_applies_on_the_cpu_only(device, expected, tiny_model_d
     monkeypatch.setattr(type(module), "global_rank", property(lambda self: 0))
     module.setup("fit")
     assert applied == expected
+
+
+def test_gpu_config_runs_as_ddp_on_two_processes(tmp_path):
+    from test_distributed import largest_difference, launch, probe, ranks
+
+    overrides = grpo_overrides(yaml.safe_load(GPU_CONFIG.read_text()), tmp_path)
+    overrides.update({"trainer.devices": 2, "trainer.strategy": "ddp", "eval.before": False, "eval.after": False})
+    out = tmp_path / "out"
+    launch(tmp_path, [["fit", "--config", str(GPU_CONFIG), *args_of(overrides), *probe(out),
+                       "--trainer.callbacks+=ddp_probe.CudaKernelsOnly"]])
+    zero, one = ranks(out)
+    assert zero["world_size"] == 2 and zero["global_step"] == one["global_step"] == 2
+    assert zero["precision"] == "bf16-mixed" and zero["fused"]
+    assert largest_difference(zero["params"], one["params"]) == 0.0  # one all-reduced gradient, one step
+    params = zero["params"]
+    assert all(torch.isfinite(w).all() for w in params.values())
+    moved = sum(int((params[k] != zero["initial"][k]).sum()) for k in params) / sum(w.numel() for w in params.values())
+    assert moved >= 0.99
+    exported = load_model_and_tokenizer(overrides["export.export_dir"], "float32")[0].state_dict()
+    assert all(torch.equal(exported[k], params[k]) for k in params)
