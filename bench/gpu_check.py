@@ -138,10 +138,14 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     )
     timed = module._timed
 
+    prompt_lengths = []
+
     def timed_and_measured(name, stage, *stage_args):  # the module's own clock, with the GPU synchronised
         memory.start_phase()
         out = timed(name, stage, *stage_args)
         memory.end_phase(name)
+        if name == "sampling":
+            prompt_lengths.append(out.prompt_length)  # P of this step's left-padded prompts
         return out
 
     module._timed = timed_and_measured
@@ -159,7 +163,8 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
               "tokens_per_s": tokens_per_second(steps, [rows * n for n in lengths]),
               **memory.record(), **weights_after(before, module.policy),
               # 1.0: every group's rewards were equal (random weights score 0), so only the KL moved the weights
-              "frac_reward_zero_std": float(trainer.callback_metrics["frac_reward_zero_std"])}
+              "frac_reward_zero_std": float(trainer.callback_metrics["frac_reward_zero_std"]),
+              "computed": computed_peaks(model_dir, args, settings, max(prompt_lengths))}
     del module, trainer
     return record
 
@@ -191,6 +196,24 @@ def run_trl(args, settings: dict, model_dir: Path) -> dict:
             **memory.record(), **weights_after(before, trainer.model)}
 
 
+def computed_peaks(model_dir: Path, args, settings: dict, prompt_length: int) -> dict[str, int]:
+    """bench.memory_estimate's peak of each phase for this run's geometry, sizes and longest padded prompt."""
+    import lightning
+
+    from bench import memory_estimate
+    from bench.limits import Geometry
+
+    config = json.loads((model_dir / "config.json").read_text())
+    m = settings["module"]
+    run = memory_estimate.Run(
+        prompts=args.prompts, generations=args.generations, prompt_length=prompt_length, new_tokens=args.max_new_tokens,
+        chunk_rows=m["logprob_chunk_rows"], checkpointing=m["gradient_checkpointing"],
+        cast_cache=tuple(int(x) for x in lightning.__version__.split(".")[:2]) < (2, 6),
+    )
+    estimate = memory_estimate.phases(Geometry.from_config(config, config["num_hidden_layers"]), run)
+    return {phase.split(",")[0]: memory_estimate.total(items) for phase, items in estimate.items() if "evaluation" not in phase}
+
+
 def trl_differences(settings: dict) -> list[str]:
     """The config's values that TRL's side, which takes the benchmark's constants, would not run."""
     m, lr = settings["module"], settings["optimizer"].get("init_args", {}).get("lr")
@@ -212,9 +235,10 @@ def format_report(records: list[dict], header: str) -> str:
                      f"{m['other']:>7.2f}{r['tokens_per_s']:>8.1f}{gib(r['max_memory_allocated']):>11}"
                      f"{gib(r['max_memory_reserved']):>14}{r['moved_fraction']:>9.2%}{'yes' if r['finite'] else 'NO':>8}")
     for r in records:
-        for phase, (alloc, reserved) in r["phases"].items():
+        for phase, computed in r.get("computed", {}).items():
+            alloc, reserved = r["phases"].get(phase, (None, None))
             lines.append(f"{r['framework']} peak in {phase}: max_memory_allocated {gib(alloc)} GiB, "
-                         f"max_memory_reserved {gib(reserved)} GiB")
+                         f"max_memory_reserved {gib(reserved)} GiB; computed {gib(computed)} GiB (bench.memory_estimate)")
     lines.append("s/step and phases: medians over the measured steps (the first is warm-up); tok/s: generated tokens")
     lines.append("per sampling second; alloc / reserved: torch.cuda.max_memory_allocated / max_memory_reserved")
     lines.append("(n/a off CUDA); moved: share of the policy's weights that changed; finite: all of them finite.")
@@ -255,7 +279,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     header = (f"gpu_check: {name}, {args.layers} layers, random weights, real Qwen2 tokenizer; {args.prompts} prompts x "
               f"{args.generations} generations x {args.max_new_tokens} new tokens; {args.precision or settings['precision']}, "
-              f"optimizer {settings['optimizer']['class_path']} {args.optimizer_overrides or ''}on {device}")
+              f"optimizer {settings['optimizer']['class_path']} {args.optimizer_overrides or ''}".rstrip() + f" on {device}")
     records = [run_ours(args, settings, model_dir)]
     trl_missing = importlib.util.find_spec("trl") is None
     if not args.no_trl and not trl_missing:

@@ -45,10 +45,13 @@ def test_tiny_check_on_the_cpu_reports_every_figure(tmp_path, monkeypatch, capsy
                             "reserved", "GiB", "moved", "finite"]
     row = next(line for line in out.splitlines() if line.startswith("grpo-lightning ")).split()
     assert len(row) == 11 and row[7:9] == ["n/a", "n/a"] and row[10] == "yes"  # no CUDA memory counters on the CPU
-    assert "max_memory_allocated" in out and "max_memory_reserved" in out
+    for phase in ("sampling", "reference", "update"):  # each phase's measured peaks beside the computed one
+        line = next(line for line in out.splitlines() if line.startswith(f"grpo-lightning peak in {phase}:"))
+        assert "max_memory_allocated n/a GiB, max_memory_reserved n/a GiB; computed " in line
     record = json.loads(next(line for line in out.splitlines() if line.startswith(RESULT_PREFIX))[len(RESULT_PREFIX):])
     assert len(record["steps"]) == 2 and all(record["median"][k] > 0 for k in ("sampling", "reference", "update"))
     # forced full length: 2 × 4 rows × 8 tokens in the measured step's sampling seconds
     assert record["tokens_per_s"] == pytest.approx(64 / record["steps"][1]["sampling"])
     assert record["finite"] and record["moved_fraction"] > 0.5
+    assert record["computed"]["update"] > record["computed"]["sampling"] > 0
     assert row[9] == f"{record['moved_fraction']:.2%}"
