@@ -1,6 +1,9 @@
 """The seed config's settings on a GPU: s/step per phase, generated tokens/s, peak GPU memory, weights moved.
 
-Prepared, not yet run on a GPU: the figures it prints have not been measured on one yet.
+Prepared, not yet run on a GPU: the figures it prints have not been measured on one yet. The config's fused
+Adam with ``grad_clip`` under ``bf16-mixed`` stops at the first update while Lightning's ``clip_gradients``
+refuses fused optimizers under mixed precision (issue 15); until the module clips them itself, add
+``--optimizer-arg fused=false``.
 
     python -m bench.gpu_check                           # Qwen2.5-0.5B geometry, 24 layers, 3 steps, TRL beside it
     python -m bench.gpu_check --tiny --device cpu --steps 2 --no-trl   # the CPU run its test makes
@@ -181,7 +184,7 @@ def run_trl(args, settings: dict, model_dir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     setting = dict(prompts=args.prompts, generations=args.generations, new_tokens=args.max_new_tokens,
                    mu=settings["module"]["mu"], beta=settings["module"]["beta"])
-    timer, opt_steps, lengths = PhaseTimer(), [], []
+    timer, opt_steps, lengths = PhaseTimer(memory.sync), [], []
     bf16 = (args.precision or settings["precision"]).startswith("bf16")
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = trl_side.build_trainer(model_dir, setting, args.steps, out_dir, settings["module"]["gradient_checkpointing"],

@@ -128,9 +128,11 @@ def instrument(trainer, timer: PhaseTimer, steps_out: list[dict], lengths: list[
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            timer.sync()
             self.start, self.cpu, self.before = time.perf_counter(), time.process_time(), timer.snapshot()
 
         def on_step_end(self, args, state, control, **kwargs):
+            timer.sync()
             wall = time.perf_counter() - self.start
             d = diff(timer.snapshot(), self.before)
             rollout = d.get("rollout", 0.0)

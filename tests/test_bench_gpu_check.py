@@ -55,3 +55,13 @@ def test_tiny_check_on_the_cpu_reports_every_figure(tmp_path, monkeypatch, capsy
     assert record["finite"] and record["moved_fraction"] > 0.5
     assert record["computed"]["update"] > record["computed"]["sampling"] > 0
     assert row[9] == f"{record['moved_fraction']:.2%}"
+
+
+def test_phase_timer_synchronises_around_each_phase():
+    from bench.timing import PhaseTimer
+
+    calls = []
+    timer = PhaseTimer(sync=lambda: calls.append(len(timer.totals)))
+    with timer.phase("sampling"):
+        assert calls == [0]  # before the clock starts
+    assert calls == [0, 0] and "sampling" in timer.totals  # and before it stops, ahead of the total's update
