@@ -165,7 +165,7 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     record = {"framework": "grpo-lightning", "steps": steps, "median": summarise(steps),
               "tokens_per_s": tokens_per_second(steps, [rows * n for n in lengths]),
               **memory.record(), **weights_after(before, module.policy),
-              # 1.0: every group's rewards were equal (random weights score 0), so only the KL moved the weights
+              # 1.0: every group's rewards were equal (random weights score 0): the gradient was the KL term's alone
               "frac_reward_zero_std": float(trainer.callback_metrics["frac_reward_zero_std"]),
               "computed": computed_peaks(model_dir, args, settings, max(prompt_lengths))}
     del module, trainer
