@@ -79,6 +79,32 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
     )
 
 
+def step_clock(steps: list[dict], lengths: list[int], sync=None):
+    """A callback that appends each step's wall, CPU and phase seconds to ``steps``, its mean completion length
+    to ``lengths``. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read: queued GPU work
+    then lands in the step that queued it."""
+    import lightning as L
+
+    class StepClock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if sync is not None:
+                sync()
+            self.start, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if sync is not None:
+                sync()
+            wall = time.perf_counter() - self.start
+            phases = {k: float(pl_module.timings.get(k, 0.0)) for k in ("sampling", "reference", "old_policy", "update")}
+            cpu = time.process_time() - self.cpu
+            steps.append({"wall": wall, "cpu": cpu, **phases, "other": wall - sum(phases.values())})
+            metric = trainer.callback_metrics.get("completion/length_max")
+            if metric is not None:
+                lengths.append(int(trainer.callback_metrics["completion/length_mean"].item()))
+
+    return StepClock()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(workload.SETTINGS), default="a")
@@ -106,20 +132,6 @@ def main(argv: list[str] | None = None) -> None:
     load_s, rss_loaded = time.perf_counter() - t0, peak_rss_mib()
     steps: list[dict] = []
     lengths: list[int] = []
-
-    class StepClock(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.start, self.cpu = time.perf_counter(), time.process_time()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            wall = time.perf_counter() - self.start
-            phases = {k: float(pl_module.timings.get(k, 0.0)) for k in ("sampling", "reference", "old_policy", "update")}
-            cpu = time.process_time() - self.cpu
-            steps.append({"wall": wall, "cpu": cpu, **phases, "other": wall - sum(phases.values())})
-            metric = trainer.callback_metrics.get("completion/length_max")
-            if metric is not None:
-                lengths.append(int(trainer.callback_metrics["completion/length_mean"].item()))
-
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[StepClock()],
+        callbacks=[step_clock(steps, lengths)],
     )
     loader = DataLoader(prompt_batches(setting["prompts"], args.steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)

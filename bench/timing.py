@@ -21,17 +21,24 @@ RESULT_PREFIX = "BENCH_RESULT "  # the parent process finds the record by this p
 
 
 class PhaseTimer:
-    """Accumulates wall seconds per phase; ``snapshot`` lets a caller diff totals around a step."""
+    """Accumulates wall seconds per phase; ``snapshot`` lets a caller diff totals around a step.
 
-    def __init__(self) -> None:
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read, so that GPU work queued in a
+    phase is charged to it rather than to whatever next waits for the GPU.
+    """
+
+    def __init__(self, sync=None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.sync = sync or (lambda: None)
 
     @contextmanager
     def phase(self, name: str):
+        self.sync()
         start = time.perf_counter()
         try:
             yield
         finally:
+            self.sync()
             self.totals[name] += time.perf_counter() - start
 
     def wrap(self, fn, name_of):

@@ -31,7 +31,10 @@ from bench.reward import trl_reward
 from bench.timing import PHASES, PhaseTimer, diff, emit_result, peak_rss_mib
 
 
-def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, gradient_checkpointing: bool):
+def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, gradient_checkpointing: bool,
+                  device: str = "cpu", bf16: bool = False):
+    """TRL's trainer on the workload; ``device`` "cuda" with ``bf16`` is the seed config's GPU run (fp32 weights,
+    bf16 autocast, fused AdamW at weight decay 0)."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -43,8 +46,8 @@ def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, grad
     dataset = Dataset.from_list(rows)
     config = GRPOConfig(
         output_dir=out_dir,
-        use_cpu=True,
-        bf16=False,  # TRL defaults to bf16; the workload is fp32 on both sides
+        use_cpu=device == "cpu",
+        bf16=bf16,  # TRL defaults to bf16; the CPU workload is fp32 on both sides
         fp16=False,
         model_init_kwargs={"dtype": torch.float32},
         # One optimizer step consumes one whole rollout batch of P prompts x G completions.
@@ -62,7 +65,7 @@ def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, grad
         loss_type="grpo",  # the seed's per-sequence mean, then mean over sequences
         learning_rate=workload.LR,
         lr_scheduler_type="constant",
-        optim="adamw_torch",  # with weight_decay 0 this is the seed's Adam
+        optim="adamw_torch" if device == "cpu" else "adamw_torch_fused",  # at weight_decay 0, the seed's Adam
         weight_decay=0.0,
         max_grad_norm=workload.GRAD_CLIP,
         gradient_checkpointing=gradient_checkpointing,
@@ -125,9 +128,11 @@ def instrument(trainer, timer: PhaseTimer, steps_out: list[dict], lengths: list[
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            timer.sync()
             self.start, self.cpu, self.before = time.perf_counter(), time.process_time(), timer.snapshot()
 
         def on_step_end(self, args, state, control, **kwargs):
+            timer.sync()
             wall = time.perf_counter() - self.start
             d = diff(timer.snapshot(), self.before)
             rollout = d.get("rollout", 0.0)

@@ -54,6 +54,9 @@ QWEN_05B_GEOMETRY = dict(
     rms_norm_eps=1e-6,
     hidden_act="silu",
 )
+# A geometry small enough for a CPU test of GPU code paths: the real vocabulary (the real tokenizer), 64 wide.
+TINY_GEOMETRY = {**QWEN_05B_GEOMETRY, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "intermediate_size": 128}
 
 
 def qwen_tiktoken_file() -> Path:
@@ -86,8 +89,8 @@ def build_tokenizer():
     return tok
 
 
-def build_model(num_layers: int = 4, seed: int = 0):
-    """A randomly initialised fp32 Qwen2ForCausalLM of the 0.5B geometry with ``num_layers`` layers."""
+def build_model(num_layers: int = 4, seed: int = 0, geometry: dict | None = None):
+    """A randomly initialised fp32 Qwen2ForCausalLM of ``geometry`` (default the 0.5B's) with ``num_layers`` layers."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -96,7 +99,7 @@ def build_model(num_layers: int = 4, seed: int = 0):
         bos_token_id=ENDOFTEXT_ID,
         eos_token_id=IM_END_ID,
         pad_token_id=ENDOFTEXT_ID,
-        **QWEN_05B_GEOMETRY,
+        **(geometry or QWEN_05B_GEOMETRY),
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)
@@ -107,14 +110,14 @@ def build_model(num_layers: int = 4, seed: int = 0):
     return model
 
 
-def prepare_model_dir(cache_dir: Path | str = DEFAULT_CACHE, num_layers: int = 4, seed: int = 0) -> Path:
-    """Build (once) and return the directory both frameworks load by path."""
-    out = Path(cache_dir) / f"qwen2.5-0.5b-geometry-{num_layers}l-seed{seed}"
+def prepare_model_dir(cache_dir: Path | str = DEFAULT_CACHE, num_layers: int = 4, seed: int = 0, tiny: bool = False) -> Path:
+    """Build (once) and return the directory both frameworks load by path; ``tiny``: :data:`TINY_GEOMETRY`."""
+    out = Path(cache_dir) / f"qwen2.5-{'tiny' if tiny else '0.5b'}-geometry-{num_layers}l-seed{seed}"
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save_pretrained(out)
-    build_model(num_layers, seed).save_pretrained(out)
+    build_model(num_layers, seed, TINY_GEOMETRY if tiny else None).save_pretrained(out)
     return out
 
 
