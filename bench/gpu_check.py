@@ -1,9 +1,6 @@
 """The seed config's settings on a GPU: s/step per phase, generated tokens/s, peak GPU memory, weights moved.
 
-Prepared, not yet run on a GPU: the figures it prints have not been measured on one yet. The config's fused
-Adam with ``grad_clip`` under ``bf16-mixed`` stops at the first update while Lightning's ``clip_gradients``
-refuses fused optimizers under mixed precision (issue 15); until the module clips them itself, add
-``--optimizer-arg fused=false``.
+Prepared, not yet run on a GPU: the figures it prints have not been measured on one yet.
 
     python -m bench.gpu_check                           # Qwen2.5-0.5B geometry, 24 layers, 3 steps, TRL beside it
     python -m bench.gpu_check --tiny --device cpu --steps 2 --no-trl   # the CPU run its test makes

@@ -136,9 +136,9 @@ def phases(g: Geometry, run: Run) -> dict[str, list[tuple[str, int]]]:
             *head_cast,
             ("log-probs and entropies [N, C], fp32", 2 * FP32 * N * C),
         ],
-        "evaluation after training (fp32, outside autocast)": static + [
-            ("KV cache, fp32", kv_cache(g, run.eval_rows, run.eval_prompt_length + C - 1, FP32)),
-            ("last decoding step's transient", decoding_step(g, run.eval_rows, run.eval_prompt_length + C - 1, FP32, sampler=False)),
+        "evaluation after training (under autocast)": static + cache + [
+            ("KV cache, bf16", kv_cache(g, run.eval_rows, run.eval_prompt_length + C - 1, BF16)),
+            ("last decoding step's transient", decoding_step(g, run.eval_rows, run.eval_prompt_length + C - 1, BF16, sampler=False)),
         ],
     }
 

@@ -15,12 +15,8 @@ pytest.importorskip("tiktoken")
 from bench import gpu_check  # noqa: E402
 from bench.timing import RESULT_PREFIX  # noqa: E402
 
-# The config's precision (bf16-mixed). Should bf16-mixed on the CPU ever fail for reasons outside this check,
-# "32-true" here runs the rest of it.
-PRECISION = "bf16-mixed"
-# fused Adam + grad_clip under mixed precision is refused by Lightning's clip_gradients (issue 15, item 1):
-# drop this override once GRPOModule clips fused optimizers itself, so the test runs the config's fused Adam.
-OPTIMIZER_ARGS = ["--optimizer-arg", "fused=false"]
+PRECISION = "bf16-mixed"  # the config's: with its fused Adam and grad_clip, as a GPU runs them
+OPTIMIZER_ARGS: list[str] = []
 
 
 def test_config_settings_are_the_seed_configs():

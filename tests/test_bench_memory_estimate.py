@@ -45,8 +45,9 @@ def test_phases_by_hand():
     #   + 1 layer's fp32 input 4·4·10 = 160 + bool mask 2·5·5 = 50 → 810; final hidden 2·5·4·4 = 160;
     #   dh 2·2·4·4 = 64, dW 10·4·4 = 160; chunk 1·2·10·6 = 120 + head cast 10·4·2 = 80; log-probs, entropies 32
     assert totals["update, checkpointing on"] == 3264 + 810 + 160 + 64 + 160 + 120 + 80 + 32
-    # evaluation (fp32): KV 2 · 4 · 4 · 4 = 128; repeated K, V 2 · 2 · 4 · 2 · 2 · 4 = 256 above logits 2·10·8 = 160
-    assert totals["evaluation after training (fp32, outside autocast)"] == 3264 + 128 + 256
+    # evaluation (bf16, under the trainer's autocast): KV 2 · 4 · 4 · 2 = 64; repeated K, V 2 · 2 · 4 · 2 · 2 · 2 = 128
+    # above the logits 2 · 10 · (2 + 4) = 120
+    assert totals["evaluation after training (under autocast)"] == 3264 + 64 + 128
     off = {phase: me.total(items) for phase, items in me.phases(TINY, replace(RUN, checkpointing=False)).items()}
     # without: the layer saves 184·10 = 1840 + its attention's bf16 weight casts 2·(16+16+8+8) = 96 + bf16 mask
     # 2·2·25 = 100 → 2036, and the shared 80 + 160 + 360 → 2636 in place of 810
