@@ -137,9 +137,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.policy, self.tokenizer = build_policy(
-            model_name_or_path, dtype, lora, gradient_checkpointing, input_require_grads
-        )
+        self.policy, self.tokenizer = build_policy(model_name_or_path, dtype, lora, gradient_checkpointing, input_require_grads)
         self.reference = None if beta == 0 or lora is not None else frozen_copy(self.policy)
         self.timings: dict[str, float] = {}
         self._loss_scale, self._grad_norm = 1.0, torch.zeros(())

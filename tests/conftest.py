@@ -69,3 +69,19 @@ def gsm8k_dir(tmp_path_factory) -> Path:
     for split, n in (("train", 64), ("test", 8)):
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(split, n)))
     return out
+
+
+def fixed_update_batch(module, prompts=("Natalia sold clips.", "Weng earns $12."), seed: int = 1) -> tuple:
+    """A rollout of ``module``'s policy (3 samples each) with random advantages, reference and old log-probs."""
+    from grpo_lightning.sampling import generate_rollout
+    from grpo_lightning.step import GRPOBatch
+
+    torch.manual_seed(0)
+    rollout = generate_rollout(module.policy, module.tokenizer, list(prompts), 3, 10)
+    N, C = rollout.completion_mask.shape
+    g = torch.Generator().manual_seed(seed)
+    data = GRPOBatch(rollout=rollout, scores=None, rewards=torch.zeros(N), advantages=torch.randn(N, generator=g),
+                     loss_mask=rollout.completion_mask, num_sequences=N, num_tokens=int(rollout.completion_mask.sum()),
+                     frac_reward_zero_std=torch.zeros(()), ref_logp=torch.randn(N, C, generator=g) * 0.1 - 4)
+    old = torch.randn(N, C, generator=g) * 0.1 - 4  # log-probs near −4, ratios near 1 with some clipped
+    return data, old

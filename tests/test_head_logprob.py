@@ -122,23 +122,15 @@ def test_tied_weight_gradient_gathered_in_the_head_buffer_equals_autograd():
 def test_update_gradients_equal_with_and_without_the_fused_head(tiny_model_dir):
     """The module's update loss through the fused head and through autograd: same loss and parameter gradients
     (shared-prompt pass, ratio away from 1, KL on)."""
+    from conftest import fixed_update_batch
     from grpo_lightning.module import GRPOModule
-    from grpo_lightning.sampling import generate_rollout
-    from grpo_lightning.step import GRPOBatch
 
     results = []
     for fused in (False, True):
         module = GRPOModule(str(tiny_model_dir), dtype="float32", num_generations=3, max_new_tokens=10,
                             temperature=0.8, logprob_chunk_rows=2, fused_head_loss=fused)
-        torch.manual_seed(0)
-        rollout = generate_rollout(module.policy, module.tokenizer, ["Natalia sold clips.", "Weng earns $12."], 3, 10)
-        N, C = rollout.completion_mask.shape
-        g = torch.Generator().manual_seed(1)
-        data = GRPOBatch(rollout=rollout, scores=None, rewards=torch.zeros(N), advantages=torch.randn(N, generator=g),
-                         loss_mask=rollout.completion_mask, num_sequences=N, num_tokens=int(rollout.completion_mask.sum()),
-                         frac_reward_zero_std=torch.zeros(()), ref_logp=torch.randn(N, C, generator=g) * 0.1 - 4)
-        old = torch.randn(N, C, generator=g) * 0.1 - 4
-        logp, entropy, loss, stats = module._rows_loss(data, slice(0, N), old)
+        data, old = fixed_update_batch(module)
+        logp, entropy, loss, stats = module._rows_loss(data, slice(0, data.num_sequences), old)
         loss.backward()
         results.append((loss.detach(), logp.detach(), [p.grad.clone() for p in module.policy.parameters()]))
     (loss_a, logp_a, grads_a), (loss_b, logp_b, grads_b) = results

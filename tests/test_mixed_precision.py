@@ -119,23 +119,15 @@ def test_grad_scaler_plugin_runs_fp16_autocast():
 
 def _update_gradients(model_dir, fused: bool, dtype: torch.dtype | None, scale: float) -> tuple:
     """The module's update loss on a fixed rollout and its parameter gradients (unscaled), under ``dtype`` autocast."""
+    from conftest import fixed_update_batch
     from grpo_lightning.module import GRPOModule
-    from grpo_lightning.sampling import generate_rollout
-    from grpo_lightning.step import GRPOBatch
 
     module = GRPOModule(str(model_dir), dtype="float32", num_generations=3, max_new_tokens=10, temperature=0.8,
                         logprob_chunk_rows=2, fused_head_loss=fused, logprob_recompute=False)
-    torch.manual_seed(0)
-    rollout = generate_rollout(module.policy, module.tokenizer, ["Natalia sold clips.", "Weng earns $12."], 3, 10)
-    N, C = rollout.completion_mask.shape
-    g = torch.Generator().manual_seed(1)
-    data = GRPOBatch(rollout=rollout, scores=None, rewards=torch.zeros(N), advantages=torch.randn(N, generator=g),
-                     loss_mask=rollout.completion_mask, num_sequences=N, num_tokens=int(rollout.completion_mask.sum()),
-                     frac_reward_zero_std=torch.zeros(()), ref_logp=torch.randn(N, C, generator=g) * 0.1 - 4)
-    old = torch.randn(N, C, generator=g) * 0.1 - 4
+    data, old = fixed_update_batch(module)
     module._loss_scale = scale  # what a GradScaler of that scale tells the update
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        _, _, loss, _ = module._rows_loss(data, slice(0, N), old)
+        _, _, loss, _ = module._rows_loss(data, slice(0, data.num_sequences), old)
         (loss * scale).backward()
     return loss.detach(), torch.cat([p.grad.flatten() / scale for p in module.policy.parameters()])
 
