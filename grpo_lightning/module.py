@@ -20,16 +20,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from grpo_lightning.allocator import set_mmap_threshold
 from grpo_lightning.distributed import (
-    gather_objects, gather_rows, gradient_scale, no_backward_sync, rng_state, seed_this_process, set_rng_state,
-    sum_over_processes,
+    gather_objects, gather_rows, gradient_scale, no_backward_sync, rng_state, seed_this_process, sum_over_processes,
 )
 from grpo_lightning.evaluation import EvaluationMixin
+from grpo_lightning.guard import SkipGuard
 from grpo_lightning.kernels import onednn_linears
 from grpo_lightning.lora import LoRA, adapters_off
 from grpo_lightning.loss import token_mean_part
 from grpo_lightning.models import build_policy, frozen_copy
-from grpo_lightning.options import check_choices, check_memory_and_reference, check_sizes
+from grpo_lightning.options import check_choices, check_max_steps, check_memory_and_reference, check_sizes
 from grpo_lightning.precision import rounding_warning
+from grpo_lightning.preemption import at_stage_end, restore_rng_states
 from grpo_lightning.rollout import Rollout, causal_lm, sequence_logprobs
 from grpo_lightning.sampling import generate_rollout
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
@@ -67,6 +68,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         optimizer: Optimizer factory; default Adam with lr 5e-6 (the seed's), fused.
         lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
         grad_clip: Gradient-norm clipping value; 0 disables it.
+        max_consecutive_skips: An optimizer step whose loss or gradient norm is not finite is skipped (weights,
+            optimizer, scheduler and ``global_step`` unchanged); after this many in a row the run stops. 0: never.
         gradient_checkpointing: Recompute decoder activations in the backward pass (saves memory, costs time).
         input_require_grads: Make embedding outputs require grad, as the seed does for reentrant checkpointing.
         rows_per_generate: Rows per ``generate`` call while sampling; ``None`` for all B*G at once.
@@ -112,6 +115,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         grad_clip: float = 0.1,
+        max_consecutive_skips: int = 3,
         gradient_checkpointing: bool = False,
         input_require_grads: bool = False,
         rows_per_generate: int | None = None,
@@ -141,6 +145,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         )
         self.reference = None if beta == 0 or lora is not None else frozen_copy(self.policy)
         self.timings: dict[str, float] = {}
+        self.guard = SkipGuard(max_consecutive_skips)
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -159,12 +164,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
-        max_steps = self.trainer.max_steps
-        if max_steps > 0 and max_steps % self.hparams.mu:
-            raise ValueError(
-                f"trainer.max_steps ({max_steps}) counts optimizer steps and must be a multiple of model.mu "
-                f"({self.hparams.mu}): {max_steps // self.hparams.mu} rollout steps would not be whole"
-            )
+        check_max_steps(self.trainer.max_steps, self.hparams.mu)  # the command line checks it before fit too
         # After the precision plugin has cast the weights (bf16-true does) and the optimizer exists.
         message = rounding_warning(self.optimizers().param_groups)
         if message:
@@ -185,20 +185,15 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         # uninterrupted run would have. Every process samples its own prompts with its own state, so the
         # checkpoint holds one state per process (every process runs this hook; the saving one writes the file).
         checkpoint["rng_states"] = gather_objects(self._strategy, rng_state())
+        checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
-        if states is None:
-            return
-        states = [states] if isinstance(states, dict) else states  # a checkpoint of one process, older layout
+        if "skip_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["skip_guard"])
         rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        if len(states) != world:
-            rank_zero_warn(
-                f"the checkpoint holds the random states of {len(states)} processes, this run has {world}: "
-                "sampling will not repeat what the stopped run would have drawn"
-            )
-        if rank < len(states):
-            set_rng_state(states[rank])
+        message = restore_rng_states(checkpoint.get("rng_states"), rank, world)
+        if message:
+            rank_zero_warn(message)
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
@@ -247,6 +242,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         clock = time.perf_counter()
         out = stage(*args)
         self.timings[name] = time.perf_counter() - clock
+        at_stage_end(self._trainer, name)  # a boundary between stages: where a signalled run stops
         return out
 
     def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
@@ -303,11 +299,18 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
                     totals[key] = totals.get(key, 0) + value
             if hp.grad_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            if not self._step_is_finite(totals["loss"], optimizer):
+                optimizer.zero_grad()  # skipped: weights, Adam's state and step count, scheduler all unchanged
+                continue
             optimizer.step()
             optimizer.zero_grad()  # the gradients are spent: sampling and the next forward pass reuse their memory
             if scheduler is not None:
                 scheduler.step()
         return sum_over_processes(self._strategy, totals)  # statistics of the last of the μ updates, whole step
+
+    def _step_is_finite(self, loss: torch.Tensor, optimizer: Any) -> bool:
+        """Whether the optimizer step may run; a skip is counted and warned of (:class:`~grpo_lightning.guard.SkipGuard`)."""
+        return self.guard.allow_step(self.trainer, loss, optimizer)
 
     def _rows_loss(self, data: GRPOBatch, rows: slice, old_logp: torch.Tensor | None) -> tuple:
         hp = self.hparams
@@ -325,7 +328,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         self.log("reward", metrics.pop("reward"), prog_bar=True, batch_size=N)
         lr = torch.tensor(self.optimizers().param_groups[0]["lr"])
         timings = {f"time/{k}": torch.tensor(v) for k, v in self.timings.items()}
-        self.log_dict({**metrics, "lr": lr, **stats, **timings}, batch_size=N)
+        skipped = torch.tensor(float(self.guard.total))  # optimizer steps skipped so far, non-finite
+        self.log_dict({**metrics, "lr": lr, **stats, **timings, "skipped_steps": skipped}, batch_size=N)
 
     def _log_samples(self, step: int, batch: dict, rollout: Rollout, rewards: list[float]) -> None:
         every = self.hparams.log_samples_every_n_steps

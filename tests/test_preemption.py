@@ -1,0 +1,126 @@
+"""SIGTERM and SIGINT during fit: a checkpoint at the next stage boundary, a non-zero exit, an exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_lightning.cli import run
+from grpo_lightning.preemption import Preempted, Preemption, checkpoint_path, restore_rng_states
+from test_train import make_config
+
+TESTS = Path(__file__).resolve().parent
+QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1"]
+
+
+def fit_args(config: Path, out: Path, *extra: str) -> list[str]:
+    # no periodic checkpoint: what the stopped run leaves is the preemption's own
+    return ["fit", "--config", str(config), "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "0",
+            "--export.export_dir", str(out), *QUIET, *extra]
+
+
+def signal_at(step: int, stage: str, signum: int = signal.SIGTERM) -> list[str]:
+    return ["--trainer.callbacks+=signal_probe.SignalAt", f"--trainer.callbacks.step={step}",
+            f"--trainer.callbacks.stage={stage}", f"--trainer.callbacks.signum={int(signum)}"]
+
+
+def weights(cli: object) -> dict:
+    return {k: v.clone() for k, v in cli.model.policy.state_dict().items()}
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir, gsm8k_dir):
+    """The uninterrupted run (3 rollout steps, μ = 1) and a maker of configs with their own directories."""
+    tmp = tmp_path_factory.mktemp("preemption")
+
+    def config(name: str) -> Path:
+        return make_config(tmp, tiny_model_dir, gsm8k_dir, name, mu=1)
+
+    full = weights(run(fit_args(config("full"), tmp / "full" / "out")))
+    return tmp, config, full
+
+
+def stopped_subprocess(tmp: Path, config: Path, stage: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    args = fit_args(config, tmp / "unused-export", *signal_at(1, stage))
+    return subprocess.run(
+        [sys.executable, "-m", "grpo_lightning.cli", *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize("stage, steps_done", [("sampling", 1), ("update", 2)])
+def test_sigterm_stops_with_a_checkpoint_that_resumes_exactly(setup, stage, steps_done):
+    tmp, config, full = setup
+    name = f"term-{stage}"
+    done = stopped_subprocess(tmp, config(name), stage)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    ckpt = tmp / name / "ckpt" / "last.ckpt"
+    assert f"stopped by SIGTERM" in done.stderr and f"--ckpt_path {ckpt}" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp / "unused-export").exists()  # a stopped run exports nothing
+    # during sampling the step is redone (1 step done); during the update it finishes first (2 done)
+    assert torch.load(ckpt, weights_only=True)["global_step"] == steps_done
+    resumed = run(fit_args(config(name), tmp / name / "out", "--ckpt_path", str(ckpt)))
+    assert resumed.trainer.global_step == 3
+    assert largest_difference(weights(resumed), full) == 0.0
+
+
+def test_sigint_in_process_stops_and_resumes_exactly(setup):
+    tmp, config, full = setup
+    with pytest.raises(Preempted) as stopped:
+        run(fit_args(config("int"), tmp / "int" / "out", *signal_at(2, "sampling", signal.SIGINT)))
+    assert stopped.value.exit_code == 130 and stopped.value.checkpoint == tmp / "int" / "ckpt" / "last.ckpt"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after fit
+    resumed = run(fit_args(config("int"), tmp / "int" / "out", "--ckpt_path", str(stopped.value.checkpoint)))
+    assert largest_difference(weights(resumed), full) == 0.0
+
+
+class FakeTrainer:
+    def __init__(self, dirpath: str | None):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        self.checkpoint_callback = ModelCheckpoint(dirpath=dirpath) if dirpath else None
+        self.default_root_dir = "root"
+
+
+def test_checkpoint_path_is_what_ckpt_path_last_finds():
+    assert checkpoint_path(FakeTrainer("/runs/ckpt")) == Path("/runs/ckpt/last.ckpt")
+    assert checkpoint_path(FakeTrainer(None)) == Path("root/last.ckpt")
+
+
+def test_handlers_leave_slurm_requeue_signal_alone():
+    """SIGTERM and SIGINT are taken over during training; SIGUSR1 (Lightning's SLURM requeue) is not touched."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    sentinel = lambda signum, frame: None  # noqa: E731 (stands for Lightning's requeue handler)
+    signal.signal(signal.SIGUSR1, sentinel)
+    try:
+        callback = Preemption()
+        callback.on_train_start(FakeTrainer(None), None)
+        assert signal.getsignal(signal.SIGTERM) == callback._handle and signal.getsignal(signal.SIGINT) == callback._handle
+        assert signal.getsignal(signal.SIGUSR1) is sentinel
+        callback.on_train_end(None, None)
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_restore_rng_states_takes_this_process_state_and_warns_on_another_count():
+    torch.manual_seed(3)
+    from grpo_lightning.distributed import rng_state
+
+    state = rng_state()
+    expected = torch.rand(2)
+    assert restore_rng_states([state], rank=0, world=1) is None
+    assert torch.equal(torch.rand(2), expected)  # the same draws as after seeding
+    assert "random states of 1 processes, this run has 2" in restore_rng_states(state, rank=0, world=2)
