@@ -1,8 +1,8 @@
 """Keeping non-finite numbers away from the weights: reward checks, and skipping non-finite optimizer steps.
 
-A reward that is a finite Python float can still be ``inf`` as float32 (1e39), and rewards near 1e20 are
-finite while their variance is not, so the advantages would be NaN or silently 0: both are reported as bad
-rewards before any update (:func:`check_step_rewards`). A loss or gradient norm that is not finite (half
+A reward that is a finite Python float can still be ``inf`` as float32 (1e39), and rewards finite in float32
+can overflow on the way to the advantages (a group of 3e38 and 3e38 has an infinite mean and NaN advantages):
+both are reported as bad rewards before any update (:func:`check_step_rewards`). A loss or gradient norm that is not finite (half
 precision, an unlucky batch) skips that optimizer step instead: :class:`SkipGuard` decides, with one decision
 for every process, counts consecutive skips (saved in the checkpoint) and stops the run after too many.
 """
@@ -32,8 +32,9 @@ def check_step_rewards(step_rewards: Tensor, advantages: Tensor, maxima: dict[st
     """Raise a reward error when the step's rewards [W*N] overflow float32 on the way to the advantages [N].
 
     ``maxima`` holds each reward function's largest absolute value, to name the functions in the message.
-    The std is checked with the advantages: with rewards of 0 and 1e20 the variance (1e40) is ``inf`` in
-    float32 and every advantage becomes 0, a finite number that would hide the overflow.
+    The std is checked with the advantages, since an infinite std would turn every advantage into a finite 0.
+    (Rewards of 0 and 1e20 have a variance of 2.5e39, ``inf`` in float32, yet torch's std does not square in
+    float32: it is 5e19 and the advantages are exact, so those rewards pass.)
     """
     from grpo_lightning.scoring import RewardFunctionError  # scoring imports this module
 
