@@ -124,3 +124,20 @@ def test_restore_rng_states_takes_this_process_state_and_warns_on_another_count(
     assert restore_rng_states([state], rank=0, world=1) is None
     assert torch.equal(torch.rand(2), expected)  # the same draws as after seeding
     assert "random states of 1 processes, this run has 2" in restore_rng_states(state, rank=0, world=2)
+
+
+def test_two_processes_stop_together_when_one_is_signalled(tmp_path):
+    """Process 1 alone gets SIGTERM while sampling step 1: both stop there, one checkpoint holds both states."""
+    from test_distributed import DDP, config
+
+    cfg = config(tmp_path, "ddp", mu=1)
+    args = ["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "0", *QUIET,
+            *DDP, *signal_at(1, "sampling"), "--trainer.callbacks.rank=1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "grpo_lightning.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-4000:]
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 1 and len(ckpt["rng_states"]) == 2  # before step 1's update, on both
+    assert done.stderr.count("Resume with:") == 1  # printed once, by process 0
+    assert not (tmp_path / "ddp" / "export").exists()
