@@ -53,14 +53,18 @@ def _unreadable_reason(path: Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """The checkpoint at ``path``, loaded with ``weights_only=True``; :class:`CheckpointError` if it is not one."""
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded with ``weights_only=True``; :class:`CheckpointError` if it is not one.
+
+    ``mmap`` maps the tensors instead of reading them: enough to check names and shapes without a second
+    copy of a large checkpoint in memory.
+    """
     path = Path(path)
     reason = _unreadable_reason(path)
     if reason is None:
         try:
             with torch.serialization.safe_globals(SAFE_GLOBALS):
-                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             # torch's own message advises weights_only=False, which would run whatever the file holds
             found = str(e).split("Unsupported global:")[-1].split(".")[0].strip() if "Unsupported global" in str(e) else ""
@@ -110,7 +114,7 @@ def readable_alternatives(dirpath: str | Path, bad: Path) -> list[tuple[Path, in
         if p.resolve() == bad.resolve():
             continue
         try:
-            found.append((p, int(read_checkpoint(p)["global_step"])))
+            found.append((p, int(read_checkpoint(p, mmap=True)["global_step"])))
         except CheckpointError:
             continue
     return found
@@ -131,14 +135,14 @@ def check_resume_checkpoint(ckpt_path: str, dirpath: str | None, state_dict: dic
     else:
         path = Path(ckpt_path)
     try:
-        check_same_model(read_checkpoint(path), state_dict, path)
+        check_same_model(read_checkpoint(path, mmap=True), state_dict, path)
     except CheckpointError as e:
         if ckpt_path != "last":
             raise
         others = readable_alternatives(path.parent, path)
-        hint = "; ".join(f"{p} (step {step})" for p, step in others)
-        hint = f"; readable older checkpoints: {hint} (pass one as --ckpt_path)" if others else "; no other readable checkpoint is there"
-        raise CheckpointError(f"{e}{hint}") from None
+        listed = "; ".join(f"{p} (step {step})" for p, step in others)
+        hint = f"readable older checkpoints: {listed} (pass one as --ckpt_path)" if others else "no other readable checkpoint is there"
+        raise CheckpointError(f"{e}; {hint}") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -20,9 +20,10 @@ from typing import Any, Optional
 
 import torch
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from grpo_lightning.callbacks import AccuracyCallback, GRPOProgressBar, HFExport
 from grpo_lightning.checkpoints import SAFE_GLOBALS, check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints
@@ -42,6 +43,19 @@ INPUT_ERRORS = (ValueError, OSError, ImportError, NonFiniteStepsError)
 # purpose, and checkpoints hold the state after the step's updates, which is what resuming needs.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization and every_n_train_steps")
+
+
+class KeepingSaveConfig(SaveConfigCallback):
+    """Lightning's writer of ``config.yaml`` that never overwrites one: the next run in the same log directory
+    (a requeued SLURM job's, whose version is the job id) writes ``config-2.yaml``, then ``config-3.yaml``."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir, stem, n = Path(trainer.log_dir), Path(self.config_filename).stem, 1
+            while (log_dir / self.config_filename).exists():
+                n += 1
+                self.config_filename = f"{stem}-{n}.yaml"
+        super().setup(trainer, pl_module, stage)
 
 
 class ThreadsCLI(LightningCLI):
@@ -108,7 +122,9 @@ class GRPOCLI(ThreadsCLI):
         checkpoint = self.trainer.checkpoint_callback
         dirpath = getattr(checkpoint, "dirpath", None)
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if dirpath and ckpt_path is None and Path(dirpath).is_dir() and any(Path(dirpath).glob("*.ckpt")):
+        # a requeued SLURM job resumes from Lightning's own hpc checkpoint, with no --ckpt_path
+        requeued = SLURMEnvironment.detect() and self.trainer._checkpoint_connector._hpc_resume_path is not None
+        if dirpath and ckpt_path is None and not requeued and Path(dirpath).is_dir() and any(Path(dirpath).glob("*.ckpt")):
             raise FileExistsError(
                 f"checkpoint directory {dirpath} already holds checkpoints: resume with --ckpt_path last, "
                 "or set checkpoint.dirpath to a new directory"
@@ -128,6 +144,7 @@ def run(args: list[str] | None = None) -> GRPOCLI:
         GRPOModule,
         GSM8KDataModule,
         trainer_defaults={"num_sanity_val_steps": 0, "log_every_n_steps": 1},
+        save_config_callback=KeepingSaveConfig,
         args=args,
     )
 

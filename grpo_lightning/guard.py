@@ -1,31 +1,26 @@
 """Keeping non-finite numbers away from the weights: reward checks, and skipping non-finite optimizer steps.
 
-A reward that is a finite Python float can still be ``inf`` as float32 (1e39), and rewards finite in float32
-can overflow on the way to the advantages (a group of 3e38 and 3e38 has an infinite mean and NaN advantages):
-both are reported as bad rewards before any update (:func:`check_step_rewards`). A loss or gradient norm that is not finite (half
-precision, an unlucky batch) skips that optimizer step instead: :class:`SkipGuard` decides, with one decision
-for every process, counts consecutive skips (saved in the checkpoint) and stops the run after too many.
+Rewards finite in float32 (scoring refuses 1e39, which is ``inf`` there) can still overflow on the way to the
+advantages: a group of 3e38 and 3e38 has an infinite mean and NaN advantages. That is reported as a bad reward
+before any update (:func:`check_step_rewards`). A loss or gradient norm that is not finite (half precision, an
+unlucky batch) skips that optimizer step instead: :class:`SkipGuard` decides, with one decision for every
+process, counts consecutive skips (saved in the checkpoint) and stops the run after too many.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
+from grpo_lightning.scoring import RewardFunctionError
 
 
 class NonFiniteStepsError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
-def float32_finite(value: float) -> bool:
-    """Whether ``value`` stays finite as float32 (1e39 is a finite Python float but ``inf`` in float32)."""
-    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
 def check_step_rewards(step_rewards: Tensor, advantages: Tensor, maxima: dict[str, float]) -> None:
@@ -36,8 +31,6 @@ def check_step_rewards(step_rewards: Tensor, advantages: Tensor, maxima: dict[st
     (Rewards of 0 and 1e20 have a variance of 2.5e39, ``inf`` in float32, yet torch's std does not square in
     float32: it is 5e19 and the advantages are exact, so those rewards pass.)
     """
-    from grpo_lightning.scoring import RewardFunctionError  # scoring imports this module
-
     spread = step_rewards.std() if step_rewards.numel() > 1 else step_rewards.new_zeros(())
     if bool(torch.isfinite(step_rewards).all() and torch.isfinite(spread) and torch.isfinite(advantages).all()):
         return
@@ -101,8 +94,6 @@ class SkipGuard:
 
     def allow_step(self, trainer: Any, loss: Tensor, optimizer: Any) -> bool:
         """:meth:`step_is_finite` for a trainer's optimizer step; on a skip, warn and stop after too many."""
-        from lightning.pytorch.utilities import rank_zero_warn
-
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16: the scaler skips overflows itself
         norm = None if scaler is not None else grad_norm(p for g in optimizer.param_groups for p in g["params"])
         if self.step_is_finite(trainer.strategy, loss, norm):

@@ -122,7 +122,8 @@ class Preemption(L.Callback):
         if any_process(trainer.strategy, self.signum is not None):
             assert self._step_rng is not None
             set_rng_state(self._step_rng)
-            self._stop(trainer, f"after {stage} of step {trainer.global_step}, before its updates (it is redone)")
+            where = f"after {stage}, before the updates that would follow optimizer step {trainer.global_step}"
+            self._stop(trainer, where + " (resuming redoes this step)")
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
         if any_process(trainer.strategy, self.signum is not None):

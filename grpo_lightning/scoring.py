@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo_lightning.guard import float32_finite
 from grpo_lightning.rewards import correctness_reward, format_reward
 
 RewardFunc = Callable[..., Sequence[Any]]
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class RewardFunctionError(ValueError):
@@ -117,6 +117,11 @@ def applied_mean(column: Tensor) -> Tensor | None:
     """The mean of a :meth:`Scores.columns` column over the completions it applied to; None if it applied to none."""
     applied = column[~column.isnan()]
     return applied.mean() if applied.numel() else None
+
+
+def float32_finite(value: float) -> bool:
+    """Whether ``value`` stays finite as float32 (1e39 is a finite Python float but ``inf`` in float32)."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
 def _checked(name: str, values: Any, n: int) -> list[float | None]:

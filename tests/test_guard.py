@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from grpo_lightning.cli import run
-from grpo_lightning.guard import NonFiniteStepsError, SkipGuard, any_process, check_step_rewards, float32_finite, grad_norm
+from grpo_lightning.guard import NonFiniteStepsError, SkipGuard, any_process, check_step_rewards, grad_norm
 from grpo_lightning.loss import group_advantages
-from grpo_lightning.scoring import RewardFunctionError, score
+from grpo_lightning.scoring import RewardFunctionError, float32_finite, score
 from test_train import make_config, scalars
 
 QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1"]

@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -19,6 +21,36 @@ TESTS = Path(__file__).resolve().parent
 QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1"]
 
 
+class SignalAt(L.Callback):
+    """The process sends itself ``signum`` as rollout step ``step`` enters ``stage`` (on process ``rank`` only).
+
+    Sent at the start of the stage, so the stage is still running when the handler has run.
+    """
+
+    def __init__(self, step: int, stage: str, signum: int = int(signal.SIGTERM), rank: int = 0):
+        self.step, self.stage, self.signum, self.rank = step, stage, signum, rank
+
+    def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        name = {"sampling": "_rollout", "update": "_update"}[self.stage]
+        original = getattr(module, name)
+
+        def signalled(*args: Any) -> Any:
+            if trainer.global_step // module.hparams.mu == self.step and trainer.global_rank == self.rank:
+                os.kill(os.getpid(), self.signum)
+            return original(*args)
+
+        setattr(module, name, signalled)
+
+
+class SeeHandlers(L.Callback):
+    """Records the name of the SIGUSR1 handler's type at each step."""
+
+    seen: list[str] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        SeeHandlers.seen.append(type(signal.getsignal(signal.SIGUSR1)).__name__)
+
+
 def fit_args(config: Path, out: Path, *extra: str) -> list[str]:
     # no periodic checkpoint: what the stopped run leaves is the preemption's own
     return ["fit", "--config", str(config), "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "0",
@@ -26,7 +58,7 @@ def fit_args(config: Path, out: Path, *extra: str) -> list[str]:
 
 
 def signal_at(step: int, stage: str, signum: int = signal.SIGTERM) -> list[str]:
-    return ["--trainer.callbacks+=signal_probe.SignalAt", f"--trainer.callbacks.step={step}",
+    return ["--trainer.callbacks+=test_preemption.SignalAt", f"--trainer.callbacks.step={step}",
             f"--trainer.callbacks.stage={stage}", f"--trainer.callbacks.signum={int(signum)}"]
 
 
@@ -141,3 +173,22 @@ def test_two_processes_stop_together_when_one_is_signalled(tmp_path):
     assert ckpt["global_step"] == 1 and len(ckpt["rng_states"]) == 2  # before step 1's update, on both
     assert done.stderr.count("Resume with:") == 1  # printed once, by process 0
     assert not (tmp_path / "ddp" / "export").exists()
+
+
+def test_a_requeued_slurm_job_resumes_from_lightnings_hpc_checkpoint(setup, monkeypatch):
+    """Lightning's SLURM requeue still works: SIGUSR1 is its handler during fit, and a requeued job resumes."""
+    tmp, config, full = setup
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "grpo", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    SeeHandlers.seen = []
+    first = run(fit_args(config("slurm"), tmp / "slurm" / "out", "--trainer.max_steps", "1",
+                         "--trainer.callbacks+=test_preemption.SeeHandlers"))
+    assert SeeHandlers.seen == ["_HandlersCompose"]  # Lightning's requeue handler, untouched
+    # what Lightning's SIGUSR1 handler writes before it requeues the job
+    first.trainer.save_checkpoint(tmp / "slurm" / "hpc_ckpt_1.ckpt")
+    requeued = run(fit_args(config("slurm"), tmp / "slurm" / "out2"))  # no --ckpt_path, as a requeued job runs
+    assert requeued.trainer.global_step == 3
+    assert (Path(requeued.trainer.log_dir) / "config-2.yaml").is_file()  # the first run's config.yaml kept
+    assert largest_difference(weights(requeued), full) == 0.0
