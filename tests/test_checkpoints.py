@@ -149,3 +149,26 @@ def test_atomic_checkpoint_io_reads_what_it_writes(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*file/c.ckpt"):
         io.save_checkpoint(fake_checkpoint(), tmp_path / "file" / "c.ckpt")  # its directory is a file
+
+
+class HalfExport:
+    """A policy whose export runs out of space half-way through writing its weights."""
+
+    def save_pretrained(self, path: Path) -> None:
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failed_export_leaves_the_previous_one(tmp_path):
+    from types import SimpleNamespace
+
+    from grpo_lightning.callbacks import HFExport
+
+    export = HFExport(export_dir=str(tmp_path / "hf_model"), overwrite=True)
+    export.path = tmp_path / "hf_model"
+    export.path.mkdir()
+    (export.path / "config.json").write_text("the previous export")
+    with pytest.raises(OSError, match="No space left"):
+        export.on_train_end(None, SimpleNamespace(policy=HalfExport(), tokenizer=None))
+    assert os.listdir(tmp_path) == ["hf_model"] and os.listdir(export.path) == ["config.json"]
+    assert (export.path / "config.json").read_text() == "the previous export"

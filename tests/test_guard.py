@@ -108,8 +108,39 @@ def test_grad_norm_is_the_total_two_norm():
     assert grad_norm([a, b]).item() == math.inf
 
 
-def test_any_process_with_one_process_is_the_flag():
-    assert any_process(None, True) and not any_process(None, False)
+class TwoProcesses:
+    """A strategy of 2 processes whose other process reports ``other``: ``reduce`` sums the two flags."""
+
+    world_size, root_device = 2, torch.device("cpu")
+
+    def __init__(self, other: bool):
+        self.other = other
+
+    def reduce(self, value: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "sum"
+        return value + float(self.other)
+
+
+def test_any_process_makes_one_decision_for_all():
+    assert any_process(None, True) and not any_process(None, False)  # one process: the flag itself
+    assert any_process(TwoProcesses(other=True), False)  # the other process saw a NaN: this one skips too
+    assert not any_process(TwoProcesses(other=False), False)
+    guard = SkipGuard()
+    assert not guard.step_is_finite(TwoProcesses(other=True), torch.tensor(1.0), torch.tensor(1.0))
+    assert guard.state_dict() == {"consecutive": 1, "total": 1}
+
+
+def test_the_skip_counts_travel_in_the_checkpoint(tiny_model_dir):
+    from grpo_lightning.module import GRPOModule
+
+    module = GRPOModule(str(tiny_model_dir), num_generations=2)
+    module.guard.load_state_dict({"consecutive": 2, "total": 5})
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["skip_guard"] == {"consecutive": 2, "total": 5}
+    restored = GRPOModule(str(tiny_model_dir), num_generations=2)
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.guard.state_dict() == {"consecutive": 2, "total": 5}
 
 
 def test_rewards_beyond_float32_name_the_function():
