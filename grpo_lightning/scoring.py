@@ -105,7 +105,9 @@ class Scores:
 
     def largest(self) -> dict[str, float]:
         """Each function's largest absolute value (0 when it applied to none): what error messages name."""
-        return {name: max((abs(v) for v in values if v is not None), default=0.0) for name, values in self.per_function.items()}
+        return {
+            name: max((abs(v) for v in values if v is not None), default=0.0) for name, values in self.per_function.items()
+        }
 
     def means(self) -> dict[str, float]:
         """Each function's mean over the completions it applied to (functions that applied to none are left out)."""

@@ -99,7 +99,7 @@ def prepare_batch(
     step_rows = gather({k: v.to(mask.device) for k, v in columns.items()})
     step_rewards = step_rows["reward"]  # [W*N]
     advantages = group_advantages(rewards, num_generations, scale_rewards, step_rewards)  # [N]
-    check_step_rewards(step_rewards, advantages, scores.largest())  # the same step-wide verdict on every process
+    check_step_rewards(step_rewards, advantages, scores.largest())  # before any update: overflowing rewards stop here
     return GRPOBatch(
         rollout=rollout,
         scores=scores,
