@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +23,29 @@ QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "
 
 
 class SignalAt(L.Callback):
-    """The process sends itself ``signum`` as rollout step ``step`` enters ``stage`` (on process ``rank`` only).
+    """A signal arrives while rollout step ``step`` is in ``stage`` (on process ``rank`` only).
 
-    Sent at the start of the stage, so the stage is still running when the handler has run.
+    Without ``ready`` the process sends itself ``signum`` as the stage starts. With ``ready`` (a file path)
+    it writes that file as the stage starts and waits, inside the stage, until a signal from outside (the
+    test's) has reached the run's handler: the stage is still running when the signal comes.
     """
 
-    def __init__(self, step: int, stage: str, signum: int = int(signal.SIGTERM), rank: int = 0):
-        self.step, self.stage, self.signum, self.rank = step, stage, signum, rank
+    def __init__(self, step: int, stage: str, signum: int = int(signal.SIGTERM), rank: int = 0, ready: str = ""):
+        self.step, self.stage, self.signum, self.rank, self.ready = step, stage, signum, rank, ready
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
         name = {"sampling": "_rollout", "update": "_update"}[self.stage]
         original = getattr(module, name)
+        (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]
 
         def signalled(*args: Any) -> Any:
             if trainer.global_step // module.hparams.mu == self.step and trainer.global_rank == self.rank:
-                os.kill(os.getpid(), self.signum)
+                if self.ready:
+                    Path(self.ready).write_text("in the stage")
+                else:
+                    os.kill(os.getpid(), self.signum)
+                while preemption.signum is None:  # (the handler has run when this is set)
+                    time.sleep(0.01)
             return original(*args)
 
         setattr(module, name, signalled)
@@ -82,23 +91,29 @@ def setup(tmp_path_factory, tiny_model_dir, gsm8k_dir):
     return tmp, config, full
 
 
-def stopped_subprocess(tmp: Path, config: Path, stage: str) -> subprocess.CompletedProcess:
+def stopped_subprocess(tmp: Path, config: Path, stage: str) -> tuple[int, str]:
+    """Run a fit in a subprocess and send it SIGTERM once it is inside ``stage`` of step 1: (status, stderr)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    args = fit_args(config, tmp / "unused-export", *signal_at(1, stage))
-    return subprocess.run(
-        [sys.executable, "-m", "grpo_lightning.cli", *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
-    )
+    ready = tmp / f"{config.stem}.ready"
+    args = fit_args(config, tmp / "unused-export", *signal_at(1, stage), f"--trainer.callbacks.ready={ready}")
+    with subprocess.Popen([sys.executable, "-m", "grpo_lightning.cli", *args], cwd=tmp, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+        while not ready.exists() and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=600)
+    return process.returncode, stderr
 
 
 @pytest.mark.parametrize("stage, steps_done", [("sampling", 1), ("update", 2)])
 def test_sigterm_stops_with_a_checkpoint_that_resumes_exactly(setup, stage, steps_done):
     tmp, config, full = setup
     name = f"term-{stage}"
-    done = stopped_subprocess(tmp, config(name), stage)
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    status, stderr = stopped_subprocess(tmp, config(name), stage)
+    assert status == 128 + signal.SIGTERM, stderr[-3000:]
     ckpt = tmp / name / "ckpt" / "last.ckpt"
-    assert f"stopped by SIGTERM" in done.stderr and f"--ckpt_path {ckpt}" in done.stderr, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+    assert "stopped by SIGTERM" in stderr and f"--ckpt_path {ckpt}" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
     assert not (tmp / "unused-export").exists()  # a stopped run exports nothing
     # during sampling the step is redone (1 step done); during the update it finishes first (2 done)
     assert torch.load(ckpt, weights_only=True)["global_step"] == steps_done
