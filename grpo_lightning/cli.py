@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from grpo_lightning.callbacks import AccuracyCallback, GRPOProgressBar, HFExport
 from grpo_lightning.checkpoints import SAFE_GLOBALS, check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints
@@ -163,6 +165,9 @@ def main(args: list[str] | None = None) -> None:
         if e.rank == 0:
             print(f"grpo-lightning: {e}\nResume with:\n  {resume_command(argv, e.checkpoint)}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except SIGTERMException:  # Lightning's own stop, outside training (during validate, say): not a success
+        print("grpo-lightning: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except INPUT_ERRORS as e:
         if os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
             raise

@@ -8,7 +8,10 @@ requeue signal, SIGUSR1, stays Lightning's) and only notes the signal. The step 
 - after sampling or the reference pass (before any update): the weights are still those the step started
   with, the random state is put back to the step's start and the batch is not counted as processed, so the
   checkpoint redoes the whole step when resumed;
-- during the updates: they finish (never stopping inside ``optimizer.step``), and the step's end is the boundary.
+- during the updates: they finish (never stopping inside ``optimizer.step``), and the step's end is the boundary;
+- before training (the accuracy measured before it, say): it stops before the first step, the accuracy kept.
+
+After the last step the run evaluates and exports as usual.
 
 Every process asks at every boundary whether any process was signalled (one all-reduce), so all stop at the
 same one and the checkpoint hook gathers every process's random state. The fit then ends with
@@ -97,7 +100,8 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach the main thread only
-        self._trainer, self.signum = trainer, None
+        # a SIGTERM that reached Lightning's own handler before training started counts too
+        self._trainer, self.signum = trainer, (signal.SIGTERM if trainer.received_sigterm else None)
         for signum in SIGNALS:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
@@ -115,6 +119,8 @@ class Preemption(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
         self._step_rng = rng_state()  # what the step draws from: a stop before its updates puts it back
+        if any_process(trainer.strategy, self.signum is not None):  # signalled before (the evaluation, say)
+            self._stop(trainer, f"before the step after optimizer step {trainer.global_step} (resuming runs it)")
 
     def stage_end(self, trainer: L.Trainer, stage: str) -> None:
         if stage == "update":

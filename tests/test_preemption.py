@@ -34,7 +34,7 @@ class SignalAt(L.Callback):
         self.step, self.stage, self.signum, self.rank, self.ready = step, stage, signum, rank, ready
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
-        name = {"sampling": "_rollout", "update": "_update"}[self.stage]
+        name = {"sampling": "_rollout", "update": "_update", "evaluation": "evaluate_batch"}[self.stage]
         original = getattr(module, name)
         (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]
 
@@ -132,12 +132,21 @@ def test_sigint_in_process_stops_and_resumes_exactly(setup):
     assert largest_difference(weights(resumed), full) == 0.0
 
 
+def test_a_signal_during_the_first_evaluation_stops_before_the_first_step(setup):
+    tmp, config, full = setup
+    args = fit_args(config("eval"), tmp / "eval" / "out", "--eval.before", "true", *signal_at(0, "evaluation", signal.SIGINT))
+    with pytest.raises(Preempted, match="stopped by SIGINT before the step after optimizer step 0") as stopped:
+        run(args)
+    ckpt = torch.load(stopped.value.checkpoint, weights_only=True)
+    assert ckpt["global_step"] == 0 and ckpt["callbacks"]["AccuracyCallback"]["accuracy_before"] is not None
+
+
 class FakeTrainer:
     def __init__(self, dirpath: str | None):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         self.checkpoint_callback = ModelCheckpoint(dirpath=dirpath) if dirpath else None
-        self.default_root_dir = "root"
+        self.default_root_dir, self.received_sigterm = "root", False
 
 
 def test_checkpoint_path_is_what_ckpt_path_last_finds():
