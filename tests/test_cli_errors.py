@@ -124,3 +124,20 @@ def test_the_shell_sees_status_2_and_the_traceback_only_when_asked(tmp_path, tin
     shown = cli_subprocess(args, GRPO_TRACEBACK="1")
     assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr
     assert listing(tmp_path / "shell") == {}
+
+
+def test_stops_on_a_signal_are_not_reported_as_success(monkeypatch, capsys):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import grpo_lightning.cli as cli
+
+    def stopped_by_lightning(args):  # Lightning's own SIGTERM stop is a SystemExit whose code is None (0)
+        raise SIGTERMException()
+
+    monkeypatch.setattr(cli, "run", stopped_by_lightning)
+    with pytest.raises(SystemExit) as stopped:
+        main(["validate", "--config", "c.yaml"])
+    assert stopped.value.code == 143 and "stopped by SIGTERM" in capsys.readouterr().err
+    assert cli.resume_command(["fit", "--config", "a b.yaml"], Path("/r/last.ckpt")) == (
+        "grpo-lightning fit --config 'a b.yaml' --ckpt_path /r/last.ckpt"
+    )
