@@ -7,11 +7,17 @@ the previous file or the complete new one, however the write ends: a crash, SIGK
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _beside(path: Path, kind: str) -> Path:
+    # a fresh hidden name in the same directory (a rename never crosses file systems). Not mkstemp: its
+    # files are private (0600), and the renamed checkpoint or export would keep that mode.
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -30,15 +36,13 @@ def _fsync_dir(path: Path) -> None:
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block ends without error it replaces ``path``.
+    """Yield a temporary path (not yet created) beside ``path``; when the block ends without error it replaces ``path``.
 
     On any error the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _beside(path, "tmp")
     try:
         yield tmp
         with tmp.open("rb+") as f:  # the bytes on disk before the name points at them
@@ -60,7 +64,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _beside(path, "tmp")
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:
@@ -68,8 +73,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        os.replace(path, old / path.name)
+        old = _beside(path, "old")
+        os.replace(path, old)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     if old is not None:

@@ -93,6 +93,12 @@ def test_a_corrupt_last_checkpoint_names_the_readable_older_ones(tmp_path):
         check_resume_checkpoint("last", str(tmp_path), state)
 
 
+def umask_now() -> int:
+    umask = os.umask(0o22)
+    os.umask(umask)
+    return umask
+
+
 def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "f"
     target.write_text("old")
@@ -103,6 +109,7 @@ def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
     with atomic_file(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["f"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask_now()  # the mode of any new file, not a private 0600
 
 
 def test_atomic_dir_keeps_the_previous_export_until_the_new_one_is_whole(tmp_path):
@@ -116,6 +123,7 @@ def test_atomic_dir_keeps_the_previous_export_until_the_new_one_is_whole(tmp_pat
     with atomic_dir(export) as tmp:
         (tmp / "config.json").write_text("new")
     assert (export / "config.json").read_text() == "new" and os.listdir(tmp_path) == ["hf_model"]
+    assert export.stat().st_mode & 0o777 == 0o777 & ~umask_now()
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch, capsys):
