@@ -92,10 +92,15 @@ class SkipGuard:
         self.total += 1
         return False
 
-    def allow_step(self, trainer: Any, loss: Tensor, optimizer: Any) -> bool:
-        """:meth:`step_is_finite` for a trainer's optimizer step; on a skip, warn and stop after too many."""
-        scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16: the scaler skips overflows itself
-        norm = None if scaler is not None else grad_norm(p for g in optimizer.param_groups for p in g["params"])
+    def allow_step(self, trainer: Any, loss: Tensor, optimizer: Any, norm: Tensor | None = None) -> bool:
+        """:meth:`step_is_finite` for a trainer's optimizer step; on a skip, warn and stop after too many.
+
+        ``norm`` is the gradient norm when the caller has it (``clip_grad_norm_`` returns it); else computed here.
+        """
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            norm = None  # fp16: the scaler skips overflows itself
+        elif norm is None:
+            norm = grad_norm(p for g in optimizer.param_groups for p in g["params"])
         if self.step_is_finite(trainer.strategy, loss, norm):
             return True
         rank_zero_warn(self.message(trainer.global_step, loss, norm))

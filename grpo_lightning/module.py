@@ -308,9 +308,9 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
                 scheduler.step()
         return sum_over_processes(self._strategy, totals)  # statistics of the last of the μ updates, whole step
 
-    def _step_is_finite(self, loss: torch.Tensor, optimizer: Any) -> bool:
+    def _step_is_finite(self, loss: torch.Tensor, optimizer: Any, norm: torch.Tensor | None = None) -> bool:
         """Whether the optimizer step may run; a skip is counted and warned of (:class:`~grpo_lightning.guard.SkipGuard`)."""
-        return self.guard.allow_step(self.trainer, loss, optimizer)
+        return self.guard.allow_step(self.trainer, loss, optimizer, norm)
 
     def _rows_loss(self, data: GRPOBatch, rows: slice, old_logp: torch.Tensor | None) -> tuple:
         hp = self.hparams

@@ -172,3 +172,19 @@ def test_rewards_near_1e20_keep_exact_advantages():
     advantages = group_advantages(rewards, 4)
     assert torch.allclose(advantages, torch.tensor([-0.5, 1.5, -0.5, -0.5]))
     check_step_rewards(rewards, advantages, {"big": 1e20})  # accepted: nothing overflowed on the way
+
+
+def test_allow_step_takes_the_callers_norm_and_leaves_scaler_overflows_to_the_scaler():
+    from types import SimpleNamespace
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([math.inf])
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    plain = SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=None, global_step=4, checkpoint_callback=None)
+    guard = SkipGuard()
+    with pytest.warns(UserWarning, match="optimizer step 4 skipped: loss 1, gradient norm inf"):
+        assert not guard.allow_step(plain, torch.tensor(1.0), optimizer)  # the norm computed from the grads
+    assert guard.allow_step(plain, torch.tensor(1.0), optimizer, norm=torch.tensor(2.0))  # the caller's norm
+    fp16 = SimpleNamespace(**{**vars(plain), "precision_plugin": SimpleNamespace(scaler=object())})
+    assert guard.allow_step(fp16, torch.tensor(1.0), optimizer)  # inf gradients: the GradScaler's to skip
+    assert guard.state_dict() == {"consecutive": 0, "total": 1}
