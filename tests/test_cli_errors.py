@@ -55,6 +55,7 @@ def inputs(tmp: Path, real_ckpt: Path) -> dict[str, tuple[list[str], str]]:
         "truncated ckpt": (["--ckpt_path", str(tmp / "in" / "cut.ckpt")], "cut.ckpt is truncated or corrupt"),
         "not a ckpt": (["--ckpt_path", str(tmp / "in" / "notes.ckpt")], "notes.ckpt is not a checkpoint"),
         "torch_threads 0": (["--torch_threads", "0"], "torch_threads must be at least 1"),
+        "skips -1": (["--model.max_consecutive_skips", "-1"], "model.max_consecutive_skips must be 0 (never stop) or more"),
     }
 
 
