@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics.classification import BinaryAccuracy
 from tqdm.auto import tqdm
 
+from grpo_lightning.atomic import atomic_dir
 from grpo_lightning.distributed import gather_objects, interleave
 from grpo_lightning.lora import is_lora, save_lora
 
@@ -118,22 +119,32 @@ class HFExport(L.Callback):
         if stage != "fit":
             return
         self.path = Path(self.export_dir) if self.export_dir else _log_dir(trainer) / "hf_model"
-        if self.path.exists() and any(self.path.iterdir()) and not self.overwrite:
+        self.check(self.path)
+
+    def check(self, path: Path) -> None:
+        """Refuse a non-empty export directory unless ``overwrite``, and a path that is a file."""
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"export directory {path} is a file; choose another export.export_dir")
+        if path.exists() and any(path.iterdir()) and not self.overwrite:
             raise FileExistsError(
-                f"export directory {self.path} is not empty; choose another export.export_dir "
+                f"export directory {path} is not empty; choose another export.export_dir "
                 "or set export.overwrite: true"
             )
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         assert self.path is not None
+        # written beside the target and renamed into place: a crash leaves the previous export or none
+        with atomic_dir(self.path) as tmp:
+            if is_lora(module.policy):
+                save_lora(module.policy, module.tokenizer, tmp)
+            else:
+                module.policy.save_pretrained(tmp)
+                module.tokenizer.save_pretrained(tmp)
         if is_lora(module.policy):
-            save_lora(module.policy, module.tokenizer, self.path)
             rank_zero_info(f"Saved the merged model and tokenizer to {self.path}, the LoRA adapters to {self.path / 'adapter'}")
-            return
-        module.policy.save_pretrained(self.path)
-        module.tokenizer.save_pretrained(self.path)
-        rank_zero_info(f"Saved the fine-tuned model and tokenizer to {self.path}")
+        else:
+            rank_zero_info(f"Saved the fine-tuned model and tokenizer to {self.path}")
 
 
 class GRPOProgressBar(TQDMProgressBar):

@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -118,22 +117,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def restore_rng_states(states: Any, rank: int, world: int) -> None:
+def restore_rng_states(states: Any, rank: int, world: int) -> str | None:
     """Restore process ``rank``'s state from a checkpoint's ``rng_states`` (one per process; None: nothing).
 
-    A checkpoint of another number of processes restores what it has, with a warning: sampling then will not
-    repeat what the stopped run would have drawn.
+    A checkpoint of another number of processes restores what it has; the returned text says that sampling then
+    will not repeat what the stopped run would have drawn (None when the counts agree).
     """
     if states is None:
-        return
+        return None
     states = [states] if isinstance(states, dict) else states  # a checkpoint of one process, older layout
-    if len(states) != world:
-        rank_zero_warn(
-            f"the checkpoint holds the random states of {len(states)} processes, this run has {world}: "
-            "sampling will not repeat what the stopped run would have drawn"
-        )
     if rank < len(states):
         set_rng_state(states[rank])
+    if len(states) == world:
+        return None
+    return (
+        f"the checkpoint holds the random states of {len(states)} processes, this run has {world}: "
+        "sampling will not repeat what the stopped run would have drawn"
+    )
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,8 +1,7 @@
-"""Loading the policy and its tokenizer, preparing it for training, and the frozen reference copy."""
+"""Loading the policy and its tokenizer, and preparing it for training (the reference: :mod:`grpo_lightning.reference`)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +49,3 @@ def build_policy(
     if input_require_grads:
         causal_lm(policy).enable_input_require_grads()
     return policy, tokenizer
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` in eval mode with no trainable parameter: the KL reference."""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference

@@ -23,14 +23,16 @@ from grpo_lightning.distributed import (
     gather_objects, gather_rows, gradient_scale, no_backward_sync, restore_rng_states, rng_state, seed_this_process,
     sum_over_processes, synchronize,
 )
-from grpo_lightning.evaluation import EvaluationMixin
-from grpo_lightning.kernels import onednn_linears
-from grpo_lightning.lora import LoRA, adapters_off
+from grpo_lightning.evaluation import EvaluationMixin, samples_text
+from grpo_lightning.guard import SkipGuard
+from grpo_lightning.lora import LoRA
 from grpo_lightning.loss import token_mean_part
-from grpo_lightning.models import build_policy, frozen_copy
-from grpo_lightning.options import check_choices, check_memory_and_reference, check_sizes
+from grpo_lightning.models import build_policy
+from grpo_lightning.options import check_choices, check_max_steps, check_memory_and_reference, check_sizes
 from grpo_lightning.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
-from grpo_lightning.rollout import Rollout, causal_lm, sequence_logprobs
+from grpo_lightning.preemption import at_stage_end
+from grpo_lightning.reference import build_reference, reference_logprobs, refresh_reference
+from grpo_lightning.rollout import Rollout, sequence_logprobs
 from grpo_lightning.sampling import generate_rollout
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
@@ -68,6 +70,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
         grad_clip: Clip the trainable gradients' total norm (logged before clipping as ``grad_norm``) to this;
             0 disables it.
+        max_consecutive_skips: An optimizer step whose loss or gradient norm is not finite is skipped (weights,
+            optimizer, scheduler and ``global_step`` unchanged); after this many in a row the run stops. 0: never.
         gradient_checkpointing: Recompute decoder activations in the backward pass (saves memory, costs time).
         input_require_grads: Make embedding outputs require grad, as the seed does for reentrant checkpointing.
         rows_per_generate: Rows per ``generate`` call while sampling; ``None`` for all B*G at once.
@@ -113,6 +117,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         grad_clip: float = 0.1,
+        max_consecutive_skips: int = 3,
         gradient_checkpointing: bool = False,
         input_require_grads: bool = False,
         rows_per_generate: int | None = None,
@@ -138,9 +143,10 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = build_policy(model_name_or_path, dtype, lora, gradient_checkpointing, input_require_grads)
-        self.reference = None if beta == 0 or lora is not None else frozen_copy(self.policy)
+        self.reference = build_reference(self.policy, beta, lora)
         self.timings: dict[str, float] = {}
         self._loss_scale, self._grad_norm = 1.0, torch.zeros(())
+        self.guard = SkipGuard(max_consecutive_skips)
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -159,12 +165,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
-        max_steps = self.trainer.max_steps
-        if max_steps > 0 and max_steps % self.hparams.mu:
-            raise ValueError(
-                f"trainer.max_steps ({max_steps}) counts optimizer steps and must be a multiple of model.mu "
-                f"({self.hparams.mu}): {max_steps // self.hparams.mu} rollout steps would not be whole"
-            )
+        check_max_steps(self.trainer.max_steps, self.hparams.mu)  # the command line checks it before fit too
         # After the precision plugin has cast the weights (bf16-true does) and the optimizer exists.
         message = rounding_warning(self.optimizers().param_groups)
         if message:
@@ -185,10 +186,15 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         # uninterrupted run would have. Every process samples its own prompts with its own state, so the
         # checkpoint holds one state per process (every process runs this hook; the saving one writes the file).
         checkpoint["rng_states"] = gather_objects(self._strategy, rng_state())
+        checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "skip_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["skip_guard"])
         rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        restore_rng_states(checkpoint.get("rng_states"), rank, world)
+        message = restore_rng_states(checkpoint.get("rng_states"), rank, world)
+        if message:
+            rank_zero_warn(message)
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
@@ -200,23 +206,12 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             temperature=hp.temperature, with_entropy=with_entropy,
         )
 
-    @torch.no_grad()
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
-        if self.hparams.beta == 0:
-            return None
-        # no graph here: the layers' products can run through oneDNN (grpo_lightning.kernels)
-        if self.reference is not None:
-            with onednn_linears(self.reference):
-                return self._logprobs(self.reference, rollout)
-        with adapters_off(self.policy), onednn_linears(causal_lm(self.policy)):  # LoRA: the base model is the reference
-            return self._logprobs(self.policy, rollout)
+        return reference_logprobs(self.reference, self.policy, self.hparams.beta, lambda m: self._logprobs(m, rollout))
 
     def _refresh_reference(self, step: int) -> None:
-        every = self.hparams.ref_update_every
-        if self.reference is None or not every or step == 0 or step % every:
-            return
-        self.reference.load_state_dict(self.policy.state_dict())
-        if self.hparams.reset_optimizer_on_ref_update:
+        refreshed = refresh_reference(self.reference, self.policy, step, self.hparams.ref_update_every)
+        if refreshed and self.hparams.reset_optimizer_on_ref_update:
             self.optimizers().optimizer.state.clear()
 
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
@@ -237,6 +232,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         out = stage(*args)
         synchronize(self.device)
         self.timings[name] = time.perf_counter() - clock
+        at_stage_end(self._trainer, name)  # a boundary between stages: where a signalled run stops
         return out
 
     def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
@@ -291,8 +287,13 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
                 stats = {"loss": loss.detach(), **stats, "entropy": token_mean_part(entropy, mask[rows], data.num_tokens)}
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0) + value
-            if grad_scaler(self._trainer) is None:  # (a GradScaler's gradients: once unscaled, in the step's hook)
+            scaler = grad_scaler(self._trainer)
+            if scaler is None:  # (a GradScaler's gradients are clipped once unscaled, in the step's hook)
                 self._clip_gradients()
+            # a non-finite loss or norm skips the step (a GradScaler skips its own overflows: the loss is judged)
+            if not self.guard.allow_step(self.trainer, totals["loss"], optimizer, None if scaler else self._grad_norm):
+                optimizer.zero_grad()  # skipped: weights, Adam's state and step count, scheduler all unchanged
+                continue
             optimizer.step()
             # Autocast may have cached bf16 casts of the weights the step just changed in place (Lightning < 2.6
             # keeps its cache on): the next update must read the new weights.
@@ -335,16 +336,12 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         self.log("reward", metrics.pop("reward"), prog_bar=True, batch_size=N)
         lr = torch.tensor(self.optimizers().param_groups[0]["lr"])
         timings = {f"time/{k}": torch.tensor(v) for k, v in self.timings.items()}
-        self.log_dict({**metrics, "lr": lr, **stats, **timings}, batch_size=N)
+        skipped = torch.tensor(float(self.guard.total))  # optimizer steps skipped so far, non-finite
+        self.log_dict({**metrics, "lr": lr, **stats, **timings, "skipped_steps": skipped}, batch_size=N)
 
     def _log_samples(self, step: int, batch: dict, rollout: Rollout, rewards: list[float]) -> None:
         every = self.hparams.log_samples_every_n_steps
         experiment = getattr(self.logger, "experiment", None)
-        if not every or step % every or not hasattr(experiment, "add_text"):
-            return
-        G = self.hparams.num_generations
-        text = "\n\n".join(
-            f"**prompt**\n\n```\n{batch['prompt'][0]}\n```\n\n**sample {i}, reward {rewards[i]:.2f}**\n\n```\n{rollout.completions[i]}\n```"
-            for i in range(min(2, G))
-        )
-        experiment.add_text("samples", text, global_step=self.global_step)
+        if every and not step % every and hasattr(experiment, "add_text"):
+            text = samples_text(batch["prompt"][0], rollout.completions[: min(2, self.hparams.num_generations)], rewards)
+            experiment.add_text("samples", text, global_step=self.global_step)

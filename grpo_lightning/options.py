@@ -39,3 +39,11 @@ def check_memory_and_reference(malloc_mmap_threshold: int | None, lora: Any, ref
             "off), which never changes. To continue from a trained policy, export it (merged) and start a "
             "new run from the export."
         )
+
+
+def check_max_steps(max_steps: int, mu: int) -> None:
+    if max_steps > 0 and max_steps % mu:
+        raise ValueError(
+            f"trainer.max_steps ({max_steps}) counts optimizer steps and must be a multiple of model.mu "
+            f"({mu}): {max_steps // mu} rollout steps would not be whole"
+        )

@@ -9,8 +9,8 @@ columns it does not use, so a TRL reward function works here unchanged and the r
 
 A value may be ``None``, as in TRL: the function does not apply to that completion. It then adds nothing
 to the total and is left out of that function's logged mean. Anything else that is not a finite number
-(NaN, inf, a string), the wrong number of values, or an exception is a :class:`RewardFunctionError` that
-names the function, raised before any update touches the weights.
+(NaN, inf, a string, a number beyond float32's range such as 1e39), the wrong number of values, or an
+exception is a :class:`RewardFunctionError` that names the function, raised before any update touches the weights.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import Tensor
 from grpo_lightning.rewards import correctness_reward, format_reward
 
 RewardFunc = Callable[..., Sequence[Any]]
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class RewardFunctionError(ValueError):
@@ -80,7 +81,7 @@ def load_reward_funcs(paths: Sequence[str], weights: Sequence[float] | None = No
     for path, weight in zip(paths, weights):
         func = import_object(path)
         if not callable(func):
-            raise TypeError(f"reward function {path!r} is not callable")
+            raise RewardFunctionError(f"reward function {path!r} is not callable")
         name = function_name(func)
         if name in funcs:  # the logs would mix two functions under one name
             raise ValueError(f"two reward functions are named {name!r}; their logged means would collide")
@@ -102,6 +103,12 @@ class Scores:
             for name, values in self.per_function.items()
         }
 
+    def largest(self) -> dict[str, float]:
+        """Each function's largest absolute value (0 when it applied to none): what error messages name."""
+        return {
+            name: max((abs(v) for v in values if v is not None), default=0.0) for name, values in self.per_function.items()
+        }
+
     def means(self) -> dict[str, float]:
         """Each function's mean over the completions it applied to (functions that applied to none are left out)."""
         means = {name: applied_mean(column) for name, column in self.columns().items()}
@@ -112,6 +119,11 @@ def applied_mean(column: Tensor) -> Tensor | None:
     """The mean of a :meth:`Scores.columns` column over the completions it applied to; None if it applied to none."""
     applied = column[~column.isnan()]
     return applied.mean() if applied.numel() else None
+
+
+def float32_finite(value: float) -> bool:
+    """Whether ``value`` stays finite as float32 (1e39 is a finite Python float but ``inf`` in float32)."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
 def _checked(name: str, values: Any, n: int) -> list[float | None]:
@@ -128,8 +140,11 @@ def _checked(name: str, values: Any, n: int) -> list[float | None]:
             number = float(value) if not isinstance(value, (str, bytes)) else math.nan
         except (TypeError, ValueError):
             number = math.nan
-        if not math.isfinite(number):
-            raise RewardFunctionError(f"reward function {name!r} returned {value!r} for completion {i}; rewards must be finite numbers or None")
+        if not float32_finite(number):  # the advantages are float32: 1e39 would be inf there
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {value!r} for completion {i}; rewards must be numbers "
+                "finite in float32 (|r| ≤ 3.4e38) or None"
+            )
         out.append(number)
     return out
 

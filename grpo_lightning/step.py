@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from grpo_lightning.gated_mlp import gated_mlps
+from grpo_lightning.guard import check_step_rewards
 from grpo_lightning.head_logprob import TiedWeightGrad, head_loss, tied_embedding
 from grpo_lightning.loss import drop_truncated, frac_reward_zero_std, group_advantages, grpo_loss
 from grpo_lightning.rollout import Rollout, causal_lm, completion_hidden, is_checkpointing, sequence_logprobs
@@ -97,11 +98,13 @@ def prepare_batch(
     }
     step_rows = gather({k: v.to(mask.device) for k, v in columns.items()})
     step_rewards = step_rows["reward"]  # [W*N]
+    advantages = group_advantages(rewards, num_generations, scale_rewards, step_rewards)  # [N]
+    check_step_rewards(step_rewards, advantages, scores.largest())  # before any update: overflowing rewards stop here
     return GRPOBatch(
         rollout=rollout,
         scores=scores,
         rewards=rewards,
-        advantages=group_advantages(rewards, num_generations, scale_rewards, step_rewards),
+        advantages=advantages,
         loss_mask=mask,
         num_sequences=step_rewards.shape[0],
         num_tokens=int(step_rows["tokens"].sum()),

@@ -1,0 +1,190 @@
+"""Non-finite numbers never reach the weights: float32 reward checks, skipped optimizer steps, the stop after K."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from grpo_lightning.cli import run
+from grpo_lightning.guard import NonFiniteStepsError, SkipGuard, any_process, check_step_rewards, grad_norm
+from grpo_lightning.loss import group_advantages
+from grpo_lightning.scoring import RewardFunctionError, float32_finite, score
+from test_train import make_config, scalars
+
+QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1"]
+
+
+class BreakUpdates(L.Callback):
+    """From rollout step ``step`` on (``until``: up to that step, excluded), the update misbehaves.
+
+    ``nan``: the loss is multiplied by NaN (loss and gradients non-finite); ``nothing``: the update is not run
+    at all, the reference for "that update did nothing".
+    """
+
+    def __init__(self, step: int, mode: str, until: int = 10**9):
+        self.step, self.mode, self.until = step, mode, until
+        self.batch_idx = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        rows_loss, update = module._rows_loss, module._update
+        broken = lambda: self.step <= self.batch_idx < self.until  # noqa: E731
+
+        def nan_rows_loss(*args: Any) -> tuple:
+            logp, entropy, loss, stats = rows_loss(*args)
+            return logp, entropy, loss * (math.nan if broken() and self.mode == "nan" else 1.0), stats
+
+        module._rows_loss = nan_rows_loss
+        module._update = lambda data: {} if broken() and self.mode == "nothing" else update(data)
+
+
+def breaking(step: int, mode: str, until: int = 10**9) -> list[str]:
+    return ["--trainer.callbacks+=test_guard.BreakUpdates", f"--trainer.callbacks.step={step}",
+            f"--trainer.callbacks.mode={mode}", f"--trainer.callbacks.until={until}"]
+
+
+def test_a_non_finite_step_changes_nothing(tmp_path, tiny_model_dir, gsm8k_dir):
+    """3 rollout steps, the second's loss NaN: the weights equal those of the run whose second update did nothing."""
+
+    def fit(name: str, mode: str) -> Any:
+        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, name, mu=1)
+        # max_steps 2: the skipped step does not count, so both runs take 3 rollout steps
+        return run(["fit", "--config", str(config), "--trainer.max_steps", "2", *QUIET, *breaking(1, mode, until=2)])
+
+    with pytest.warns(UserWarning, match=r"optimizer step 1 skipped: loss nan, gradient norm nan"):
+        skipped = fit("skipped", "nan")
+    nothing = fit("nothing", "nothing")
+    assert skipped.model.guard.state_dict() == {"consecutive": 0, "total": 1}
+    a, b = skipped.model.policy.state_dict(), nothing.model.policy.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.isfinite(v).all() for v in a.values())
+    adam = lambda cli: [s["step"].item() for s in cli.trainer.optimizers[0].state.values()]  # noqa: E731
+    assert set(adam(skipped)) == set(adam(nothing)) == {2.0}  # Adam's step count skipped the NaN step too
+    assert skipped.trainer.global_step == 2 and skipped.trainer.fit_loop.epoch_loop.batch_idx == 2  # 3 batches
+    assert scalars(Path(skipped.trainer.log_dir))["skipped_steps"] == [0.0, 1.0, 1.0]
+
+
+def test_k_consecutive_skips_stop_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "k", mu=1, max_consecutive_skips=2)
+    with pytest.raises(NonFiniteStepsError, match=r"2 optimizer steps in a row .* the last good checkpoint is .*last\.ckpt"):
+        run(["fit", "--config", str(config), "--trainer.max_steps", "4", *QUIET, *breaking(1, "nan")])
+    kept = torch.load(tmp_path / "k" / "ckpt" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 1 and kept["skip_guard"] == {"consecutive": 0, "total": 0}
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+    assert not (tmp_path / "k" / "lightning_logs" / "version_0" / "hf_model").exists()  # nothing exported
+
+
+def test_skip_guard_counts_consecutive_and_total_skips():
+    guard = SkipGuard(max_consecutive=2)
+    one, nan, inf = torch.tensor(1.0), torch.tensor(math.nan), torch.tensor(math.inf)
+    assert guard.step_is_finite(None, one, one)
+    assert not guard.step_is_finite(None, nan, one)  # a NaN loss
+    assert not guard.step_is_finite(None, one, inf)  # a finite loss, an infinite gradient norm
+    assert guard.state_dict() == {"consecutive": 2, "total": 2}
+    with pytest.raises(NonFiniteStepsError, match="no checkpoint was written yet"):
+        guard.check_limit(None)
+    assert guard.step_is_finite(None, one, None)  # a GradScaler run: the norm is the scaler's business
+    assert guard.state_dict() == {"consecutive": 0, "total": 2}
+    guard.check_limit(None)  # 0 in a row: no stop
+    restored = SkipGuard()
+    restored.load_state_dict({"consecutive": 1, "total": 5})
+    assert (restored.consecutive, restored.total) == (1, 5)
+    with pytest.raises(ValueError, match="max_consecutive_skips must be 0"):
+        SkipGuard(-1)
+
+
+def test_grad_norm_is_the_total_two_norm():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+    assert grad_norm([a, b]).item() == 5.0  # sqrt(3² + 4²)
+    b.grad = torch.tensor([math.inf])
+    assert grad_norm([a, b]).item() == math.inf
+
+
+class TwoProcesses:
+    """A strategy of 2 processes whose other process reports ``other``: ``reduce`` sums the two flags."""
+
+    world_size, root_device = 2, torch.device("cpu")
+
+    def __init__(self, other: bool):
+        self.other = other
+
+    def reduce(self, value: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "sum"
+        return value + float(self.other)
+
+
+def test_any_process_makes_one_decision_for_all():
+    assert any_process(None, True) and not any_process(None, False)  # one process: the flag itself
+    assert any_process(TwoProcesses(other=True), False)  # the other process saw a NaN: this one skips too
+    assert not any_process(TwoProcesses(other=False), False)
+    guard = SkipGuard()
+    assert not guard.step_is_finite(TwoProcesses(other=True), torch.tensor(1.0), torch.tensor(1.0))
+    assert guard.state_dict() == {"consecutive": 1, "total": 1}
+
+
+def test_the_skip_counts_travel_in_the_checkpoint(tiny_model_dir):
+    from grpo_lightning.module import GRPOModule
+
+    module = GRPOModule(str(tiny_model_dir), num_generations=2)
+    module.guard.load_state_dict({"consecutive": 2, "total": 5})
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["skip_guard"] == {"consecutive": 2, "total": 5}
+    restored = GRPOModule(str(tiny_model_dir), num_generations=2)
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.guard.state_dict() == {"consecutive": 2, "total": 5}
+
+
+def test_rewards_beyond_float32_name_the_function():
+    assert float32_finite(3.0e38) and not float32_finite(1e39) and not float32_finite(math.nan)
+
+    def huge(prompts, completions, **kw):
+        return [1.0, 1e39]
+
+    with pytest.raises(RewardFunctionError, match=r"'huge' returned 1e\+39 for completion 1; .*finite in float32"):
+        score({"huge": (huge, 1.0)}, ["p", "p"], ["a", "b"])
+
+
+def test_rewards_whose_sum_overflows_are_refused():
+    # 3e38 each is finite in float32, but a group's sum 6e38 is not: the mean is inf, the advantages NaN
+    rewards = torch.tensor([3e38, 3e38, 0.0, 0.0])
+    advantages = group_advantages(rewards, 4)
+    assert advantages.isnan().all()
+    with pytest.raises(RewardFunctionError, match=r"overflow float32 .* 'big' up to 3e\+38"):
+        check_step_rewards(rewards, advantages, {"big": 3e38})
+    with pytest.raises(RewardFunctionError):
+        check_step_rewards(torch.tensor([0.0, 2.0]), torch.tensor([math.nan, 0.7]), {"ok": 2.0})
+
+
+def test_rewards_near_1e20_keep_exact_advantages():
+    # The variance (2.5e39) overflows float32, but torch's std does not square in float32: std = 5e19.
+    # mean 2.5e19; std = sqrt((3·(2.5e19)² + (7.5e19)²) / 3) = 5e19; advantages −2.5e19/5e19, 7.5e19/5e19.
+    rewards = torch.tensor([0.0, 1e20, 0.0, 0.0])
+    assert math.isinf(rewards.var().item())
+    advantages = group_advantages(rewards, 4)
+    assert torch.allclose(advantages, torch.tensor([-0.5, 1.5, -0.5, -0.5]))
+    check_step_rewards(rewards, advantages, {"big": 1e20})  # accepted: nothing overflowed on the way
+
+
+def test_allow_step_takes_the_callers_norm_and_leaves_scaler_overflows_to_the_scaler():
+    from types import SimpleNamespace
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([math.inf])
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    plain = SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=None, global_step=4, checkpoint_callback=None)
+    guard = SkipGuard()
+    with pytest.warns(UserWarning, match="optimizer step 4 skipped: loss 1, gradient norm inf"):
+        assert not guard.allow_step(plain, torch.tensor(1.0), optimizer)  # the norm computed from the grads
+    assert guard.allow_step(plain, torch.tensor(1.0), optimizer, norm=torch.tensor(2.0))  # the caller's norm
+    fp16 = SimpleNamespace(**{**vars(plain), "precision_plugin": SimpleNamespace(scaler=object())})
+    assert guard.allow_step(fp16, torch.tensor(1.0), optimizer)  # inf gradients: the GradScaler's to skip
+    assert guard.state_dict() == {"consecutive": 0, "total": 1}
