@@ -23,6 +23,7 @@ from grpo_lightning.distributed import (
     gather_objects, gather_rows, gradient_scale, no_backward_sync, rng_state, seed_this_process, set_rng_state,
     sum_over_processes,
 )
+from grpo_lightning.engines import GenerateEngine, RolloutEngine
 from grpo_lightning.evaluation import EvaluationMixin
 from grpo_lightning.kernels import onednn_linears
 from grpo_lightning.lora import LoRA, adapters_off
@@ -31,7 +32,6 @@ from grpo_lightning.models import build_policy, frozen_copy
 from grpo_lightning.options import check_choices, check_memory_and_reference, check_sizes
 from grpo_lightning.precision import rounding_warning
 from grpo_lightning.rollout import Rollout, causal_lm, sequence_logprobs
-from grpo_lightning.sampling import generate_rollout
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
 
@@ -85,6 +85,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
+        rollout: The rollout engine (a class path with ``init_args``); ``None`` for ``generate`` on the policy
+            (:mod:`grpo_lightning.engines`; vLLM: ``grpo_lightning.engines.vllm.VLLMEngine``, docs/vllm.md).
         malloc_mmap_threshold: From ``setup`` on, glibc returns freed buffers of this many bytes or more to the
             OS instead of keeping them in its heap (lower peak memory on the CPU; the whole process, Linux with
             glibc only; see :mod:`~grpo_lightning.allocator`). ``None`` leaves malloc as it is.
@@ -125,6 +127,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         eval_generation_kwargs: dict[str, Any] | None = None,
         log_samples_every_n_steps: int = 10,
         lora: LoRA | None = None,
+        rollout: RolloutEngine | None = None,
         malloc_mmap_threshold: int | None = 1 << 20,
     ):
         super().__init__()
@@ -133,7 +136,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         check_memory_and_reference(malloc_mmap_threshold, lora, ref_update_every, beta)
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rollout"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = build_policy(
@@ -141,6 +144,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         )
         self.reference = None if beta == 0 or lora is not None else frozen_copy(self.policy)
         self.timings: dict[str, float] = {}
+        self.engine = rollout if rollout is not None else GenerateEngine()
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -187,6 +191,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         checkpoint["rng_states"] = gather_objects(self._strategy, rng_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
         states = checkpoint.get("rng_states")
         if states is None:
             return
@@ -240,6 +245,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         # The old policy's log-probs need no pass of their own: they are the first update's, detached.
         self.timings["old_policy"] = 0.0
         stats = self._timed("update", self._update, data)
+        self.engine.update_weights(self.policy)  # the next rollout samples from the updated weights
         self._log_step(data, stats)
         self._log_samples(step, batch, rollout, scores.total)
 
@@ -251,11 +257,14 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
 
     def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
         hp = self.hparams
-        return generate_rollout(
-            self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens,
-            hp.temperature, hp.rows_per_generate, hp.generation_kwargs, share_prompt=hp.share_prompt,
+        rollout = self.engine.generate(
+            self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens, temperature=hp.temperature,
+            rows_per_call=hp.rows_per_generate, generation_kwargs=hp.generation_kwargs, share_prompt=hp.share_prompt,
             use_model_generation_config=hp.use_model_generation_config,
         )
+        self.engine.free()  # between rollouts the engine's memory is the update's
+        self.timings.update(self.engine.timings)  # the engine's own stages, e.g. weight_sync
+        return rollout
 
     def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
         """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
@@ -267,6 +276,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             gather=functools.partial(gather_rows, self._strategy),
         )
         data.ref_logp = self._reference_logprobs(rollout)
+        data.importance = self.engine.importance_sampling  # None: the engine samples with the trainer's numerics
         return data
 
     def _update(self, data: GRPOBatch) -> dict:
