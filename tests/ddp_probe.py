@@ -69,6 +69,8 @@ class Probe(L.Callback):
                 "global_step": trainer.global_step,
                 "logged": self.logged,
                 "world_size": trainer.world_size,
+                # what a recording engine (grpo_lightning.engines.RecordingEngine) sampled, step by step
+                "completions": [r.completions for r in getattr(module.engine, "rollouts", [])],
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )

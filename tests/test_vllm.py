@@ -6,6 +6,7 @@ One in-process engine on the packaged tiny model serves the module's tests; it c
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,76 @@ def test_sleep_mode_is_refused_on_the_cpu(module, prompts):
     engine = VLLMEngine(enable_sleep_mode=True)
     with pytest.raises(ValueError, match="enable_sleep_mode must be false on the CPU"):
         engine.generate(module.policy, module.tokenizer, prompts, 2, 4)
+
+
+# --- training with the engine ------------------------------------------------------------------------------------
+
+VLLM = {"class_path": "grpo_lightning.engines.vllm.VLLMEngine", "init_args": {"dtype": "float32"}}
+NO_EVAL = ["--eval.before", "false", "--eval.after", "false"]
+
+
+def scalars(log_dir, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_short_quickstart_with_vllm_reward_rises_and_logs_the_push(tmp_path):
+    from test_quickstart import STEPS, WINDOW
+
+    from grpo_lightning.cli import run
+
+    config = Path(__file__).parents[1] / "configs" / "quickstart-vllm.yaml"
+    cli = run(["fit", "--config", str(config), f"--trainer.max_steps={STEPS}", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_progress_bar=false", "--data.eval_size=32", "--model.log_samples_every_n_steps=0"])
+    reward = scalars(cli.trainer.log_dir, "reward")
+    assert len(reward) == STEPS
+    first, last = sum(reward[:WINDOW]) / WINDOW, sum(reward[-WINDOW:]) / WINDOW
+    assert last > first, f"mean reward fell from {first:.3f} (first {WINDOW} steps) to {last:.3f} (last {WINDOW})"
+    # the engine starts (and is pushed the weights) at the evaluation before training; every step after the
+    # first pushes the previous step's update
+    assert len(scalars(cli.trainer.log_dir, "time/weight_sync")) == STEPS - 1
+    ratio = scalars(cli.trainer.log_dir, "importance/ratio_mean")
+    assert len(ratio) == STEPS and all(abs(r - 1) < 1e-3 for r in ratio)  # fp32 on both sides: ρ ≈ 1
+
+
+def test_a_resumed_run_continues_from_the_checkpoint(tmp_path):
+    from test_distributed import config
+
+    from grpo_lightning.cli import run
+
+    full, part = config(tmp_path, "full", rollout=VLLM), config(tmp_path, "part", rollout=VLLM)
+    whole = run(["fit", "--config", str(full), *NO_EVAL])
+    run(["fit", "--config", str(part), *NO_EVAL, "--trainer.max_steps", "4"])
+    resumed = run(
+        ["fit", "--config", str(part), *NO_EVAL, "--ckpt_path", "last", "--export.export_dir", str(tmp_path / "resumed")]
+    )
+    assert resumed.trainer.global_step == 8
+    a, b = whole.model.policy.state_dict(), resumed.model.policy.state_dict()
+    gap = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"largest weight difference, resumed against uninterrupted: {gap:.3e}")
+    # Measured: bit-identical. The resumed process starts a new engine from the checkpoint's weights (the
+    # uninterrupted one had them pushed in), and restores the random state that vLLM samples from, saved
+    # around the engine's start, so it draws what the uninterrupted run drew.
+    assert scalars(whole.trainer.log_dir, "reward")[2:] == scalars(resumed.trainer.log_dir, "reward")
+    assert gap == 0.0
+
+
+def test_two_processes_each_with_its_own_engine(tmp_path):
+    from test_distributed import DDP, config, launch, probe, ranks
+
+    recording = {"class_path": "grpo_lightning.engines.RecordingEngine", "init_args": {"engine": VLLM}}
+    cfg = config(tmp_path, "ddp", rollout=recording, temperature=1.5)
+    launch(tmp_path, [["fit", "--config", str(cfg), *DDP, *NO_EVAL, *probe(tmp_path / "out")]])
+    zero, one = ranks(tmp_path / "out")
+    assert zero["global_step"] == one["global_step"] == 8
+    assert all(torch.equal(zero["params"][k], one["params"][k]) for k in zero["params"])  # one model
+    assert any(not torch.equal(zero["params"][k], zero["initial"][k]) for k in zero["params"])
+    for rank in (zero, one):
+        assert len(rank["completions"]) == 4 and "time/weight_sync" in rank["logged"][-1]
+        groups = [step[i : i + 4] for step in rank["completions"] for i in range(0, len(step), 4)]
+        distinct = sum(len(set(g)) for g in groups) / sum(len(g) for g in groups)
+        print(f"distinct completions within groups: {distinct:.2f}")
+        assert distinct > 0.5  # independent draws, not copies of one

@@ -58,6 +58,10 @@ class RecordingEngine(RolloutEngine):
         self.rollouts.append(rollout)
         return rollout
 
+    @property
+    def timings(self) -> dict[str, float]:  # type: ignore[override]
+        return self.engine.timings
+
     def update_weights(self, policy: Any) -> None:
         self.engine.update_weights(policy)
 

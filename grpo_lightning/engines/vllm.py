@@ -96,32 +96,38 @@ class VLLMEngine(RolloutEngine):
         self.kv_cache_space, self.enable_sleep_mode, self.seed = kv_cache_space, enable_sleep_mode, seed
         self.importance_sampling = importance_sampling
         self.llm: Any = None
-        self.stale, self.asleep = False, False
+        self.stale, self.asleep, self.on_gpu = False, False, False
         self.timings: dict[str, float] = {}
         self._dir: Any = None
 
     # --- the engine's life ------------------------------------------------------------------------------------
 
     def _build(self, policy: Any, tokenizer: Any) -> None:
-        """Start vLLM on a copy of the policy as it is now, saved in Hugging Face format to a temporary directory."""
+        """Start vLLM in this process on the policy's config, then push the policy's weights into it."""
         on_cpu = next(policy.parameters()).device.type == "cpu"
         if self.enable_sleep_mode and on_cpu:
             raise ValueError(f"{OPTION}.enable_sleep_mode must be false on the CPU: vLLM has no sleep mode there")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: the weights are pushed in memory
         if on_cpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_space)
+        # Only the config and tokenizer: vLLM starts on placeholder weights and the policy's are pushed at once
+        # (no checkpoint written, and no rank filter: transformers' save_pretrained writes weights on rank 0 only).
         self._dir = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
-        model = merged_copy(policy) if is_lora(policy) else causal_lm(policy)
-        model.save_pretrained(self._dir.name)
+        lm = causal_lm(policy)
+        lm.config.save_pretrained(self._dir.name)
+        lm.generation_config.save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if world > 1:  # vLLM's external launcher reads the process's place from torchrun's variables
+            for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
+                os.environ.setdefault(name, str(value))
         from vllm import LLM
 
         states, set_threads = rng_state(), torch.set_num_threads
         try:
             self.llm = LLM(
-                model=self._dir.name, generation_config="vllm", logprobs_mode="processed_logprobs",
+                model=self._dir.name, load_format="dummy", generation_config="vllm", logprobs_mode="processed_logprobs",
                 seed=rank if self.seed is None else self.seed, enable_sleep_mode=self.enable_sleep_mode,
                 distributed_executor_backend="external_launcher" if world > 1 else None, **self.options,
             )
@@ -131,6 +137,7 @@ class VLLMEngine(RolloutEngine):
             set_rng_state(states)
             torch.set_num_threads = set_threads
         self.on_gpu = not on_cpu
+        self._push(policy)
 
     def update_weights(self, policy: Any) -> None:
         self.stale = True  # pushed lazily: μ optimizer steps in a row cost one push
