@@ -117,6 +117,24 @@ def test_replayed_rollouts_give_the_same_update_under_another_seed():
     assert any(not torch.equal(first[k], resampled[k]) for k in first)
 
 
+def test_the_weights_pushed_to_an_engine_have_lora_merged_under_the_base_names():
+    from grpo_lightning.engines.vllm import policy_weights
+    from grpo_lightning.lora import LoRA
+
+    plain = GRPOModule(TINY, dtype="float32", beta=0)
+    lora = GRPOModule(TINY, dtype="float32", beta=0, lora=LoRA(r=2, alpha=4.0, target_modules=["q_proj"]))
+    layer = lora.policy.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(0.5)  # B = 0.5 everywhere: the update (alpha/r)·B·A = 2·0.5·A
+        expected = layer.base_layer.weight + 2 * 0.5 * layer.lora_A["default"].weight.sum(0, keepdim=True)
+    pushed = dict(policy_weights(lora.policy))
+    assert pushed.keys() == dict(policy_weights(plain.policy)).keys()  # the names vLLM loads, no adapter names
+    assert torch.allclose(pushed["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
+    untouched = "model.layers.0.self_attn.k_proj.weight"  # no adapter: the base weight as it is
+    assert torch.equal(pushed[untouched], plain.policy.state_dict()[untouched])
+    assert len(layer.lora_A)  # the policy keeps its adapters: the merge was on a copy
+
+
 def test_choosing_the_vllm_engine_does_not_import_vllm():
     code = (
         "import sys; import grpo_lightning.engines as e; from grpo_lightning.engines.vllm import VLLMEngine; "

@@ -59,7 +59,13 @@ def test_after_a_push_greedy_tokens_equal_generate_token_for_token(module, promp
         assert torch.equal(vllm_greedy(module, prompts), before)
         module.engine.update_weights(module.policy)
         assert torch.equal(vllm_greedy(module, prompts), after)
-        assert module.engine.timings["weight_sync"] > 0
+        assert module.engine.timings["weight_sync"] > 0  # pushed by that call
+        hf = generate_rollout(module.policy, module.tokenizer, prompts, 1, 24, generation_kwargs=GREEDY)
+        ours = module.engine.generate(module.policy, module.tokenizer, prompts, 1, 24, generation_kwargs=GREEDY)
+        # the EOS is kept in vLLM's output: the masks and truncation flags are generate's too
+        assert torch.equal(ours.completion_mask, hf.completion_mask) and torch.equal(ours.truncated, hf.truncated)
+        assert not ours.truncated.all()
+        assert "weight_sync" not in module.engine.timings  # nothing changed since: no push
     finally:
         module.policy.load_state_dict(saved)
         module.engine.update_weights(module.policy)
@@ -106,6 +112,23 @@ def test_sampling_at_t2_matches_softmax_over_the_whole_vocabulary(module, prompt
     print(f"mass outside the top 50: expected {p:.4f}, drawn {f:.4f}, σ {sigma:.4f}")
     assert p > 10 * sigma
     assert abs(f - p) < 4 * sigma
+
+
+def test_lora_adapters_are_merged_for_the_push(prompts):
+    from grpo_lightning.lora import LoRA
+
+    lora = GRPOModule(TINY, dtype="float32", beta=0, lora=LoRA(r=4), rollout=VLLMEngine(dtype="float32"))
+    before = hf_greedy(lora, prompts)
+    assert torch.equal(vllm_greedy(lora, prompts), before)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.policy.named_parameters():
+            if "lora_B" in name:  # B starts at 0: the adapters change nothing until trained
+                p.normal_(0, 0.3)
+    after = hf_greedy(lora, prompts)
+    assert not torch.equal(after, before)
+    lora.engine.update_weights(lora.policy)
+    assert torch.equal(vllm_greedy(lora, prompts), after)
 
 
 def test_the_engine_refuses_what_would_bias_the_ratio(module, prompts):
