@@ -47,6 +47,10 @@ def vllm_greedy(module: GRPOModule, prompts: list[str], tokens: int = 24) -> tor
 def test_after_a_push_greedy_tokens_equal_generate_token_for_token(module, prompts):
     before = hf_greedy(module, prompts)
     assert torch.equal(vllm_greedy(module, prompts), before)  # the engine starts from the policy as it is
+    # vLLM's CPU worker made torch.set_num_threads a no-op; the engine put it back
+    torch.set_num_threads(2)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
     saved = {k: v.clone() for k, v in module.policy.state_dict().items()}
     torch.manual_seed(0)
     with torch.no_grad():
