@@ -10,9 +10,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from grpo_lightning.rollout import Rollout
+
+
+@dataclass
+class Sampling:
+    """The sampling options of one :meth:`RolloutEngine.generate` call (documented there)."""
+
+    temperature: float
+    generation_kwargs: dict[str, Any]
+    use_model_generation_config: bool
+    rows_per_call: int | None
+    share_prompt: bool
+    record_logprobs: bool
 
 
 class RolloutEngine(ABC):
@@ -26,7 +39,6 @@ class RolloutEngine(ABC):
     importance_sampling: Any = None
     timings: dict[str, float] = {}  # seconds of the engine's own stages in its last call, logged as time/<name>
 
-    @abstractmethod
     def generate(
         self,
         policy: Any,
@@ -49,6 +61,17 @@ class RolloutEngine(ABC):
         ``share_prompt`` reads each prompt once for its G samples, where the engine can. ``record_logprobs``
         keeps each sampled token's log-prob in ``Rollout.sample_logprobs``.
         """
+        options = Sampling(
+            temperature, dict(generation_kwargs or {}), use_model_generation_config, rows_per_call, share_prompt,
+            record_logprobs,
+        )
+        return self._generate(policy, tokenizer, list(prompts), num_generations, max_new_tokens, options)
+
+    @abstractmethod
+    def _generate(
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+    ) -> Rollout:
+        """What :meth:`generate` does, in each engine."""
 
     def update_weights(self, policy: Any) -> None:
         """The policy's weights changed (an optimizer step, a checkpoint load): sample from the new ones next."""

@@ -6,10 +6,9 @@ log-probs are the trainer's own: no importance-sampling correction applies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from grpo_lightning.engines.base import RolloutEngine
+from grpo_lightning.engines.base import RolloutEngine, Sampling
 from grpo_lightning.rollout import Rollout
 from grpo_lightning.sampling import generate_rollout
 
@@ -17,23 +16,12 @@ from grpo_lightning.sampling import generate_rollout
 class GenerateEngine(RolloutEngine):
     """Samples with ``generate`` in eval mode with the KV cache on (see :func:`~grpo_lightning.sampling.generate_rollout`)."""
 
-    def generate(
-        self,
-        policy: Any,
-        tokenizer: Any,
-        prompts: Sequence[str],
-        num_generations: int,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        generation_kwargs: dict[str, Any] | None = None,
-        use_model_generation_config: bool = False,
-        rows_per_call: int | None = None,
-        share_prompt: bool = True,
-        record_logprobs: bool = False,
+    def _generate(
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
     ) -> Rollout:
+        o = options
         return generate_rollout(
-            policy, tokenizer, prompts, num_generations, max_new_tokens, temperature, rows_per_call, generation_kwargs,
-            record_logprobs=record_logprobs, share_prompt=share_prompt,
-            use_model_generation_config=use_model_generation_config,
+            policy, tokenizer, prompts, num_generations, max_new_tokens, o.temperature, o.rows_per_call,
+            o.generation_kwargs, record_logprobs=o.record_logprobs, share_prompt=o.share_prompt,
+            use_model_generation_config=o.use_model_generation_config,
         )

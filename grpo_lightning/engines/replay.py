@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from grpo_lightning.engines.base import RolloutEngine
+from grpo_lightning.engines.base import RolloutEngine, Sampling
 from grpo_lightning.rollout import Rollout
 
 
@@ -23,8 +23,9 @@ class ReplayEngine(RolloutEngine):
     def __init__(self, rollouts: Sequence[Rollout]):
         self.rollouts, self.served, self.weight_updates = list(rollouts), 0, 0
 
-    def generate(self, policy: Any, tokenizer: Any, prompts: Sequence[str], num_generations: int, max_new_tokens: int,
-                 **options: Any) -> Rollout:
+    def _generate(
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+    ) -> Rollout:
         if self.served == len(self.rollouts):
             raise IndexError(f"the replay engine has served all of its {len(self.rollouts)} rollouts")
         rollout = self.rollouts[self.served]
@@ -53,8 +54,8 @@ class RecordingEngine(RolloutEngine):
         self.engine, self.rollouts = engine, []
         self.importance_sampling = engine.importance_sampling
 
-    def generate(self, *args: Any, **kwargs: Any) -> Rollout:
-        rollout = self.engine.generate(*args, **kwargs)
+    def _generate(self, *args: Any) -> Rollout:
+        rollout = self.engine._generate(*args)
         self.rollouts.append(rollout)
         return rollout
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from grpo_lightning.distributed import rng_state, set_rng_state
-from grpo_lightning.engines.base import RolloutEngine
+from grpo_lightning.engines.base import RolloutEngine, Sampling
 from grpo_lightning.importance import ImportanceSampling
 from grpo_lightning.lora import is_lora, merged_copy
 from grpo_lightning.rollout import Rollout, build_rollout, causal_lm, eos_token_ids
@@ -91,8 +91,10 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"{OPTION}.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if kv_cache_space < 1:
             raise ValueError(f"{OPTION}.kv_cache_space must be at least 1 (GiB), got {kv_cache_space}")
-        self.options = {"gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype, "enforce_eager": enforce_eager,
-                        "max_model_len": max_model_len}
+        self.llm_options = {
+            "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype, "enforce_eager": enforce_eager,
+            "max_model_len": max_model_len,
+        }
         self.kv_cache_space, self.enable_sleep_mode, self.seed = kv_cache_space, enable_sleep_mode, seed
         self.importance_sampling = importance_sampling
         self.llm: Any = None
@@ -129,7 +131,7 @@ class VLLMEngine(RolloutEngine):
             self.llm = LLM(
                 model=self._dir.name, load_format="dummy", generation_config="vllm", logprobs_mode="processed_logprobs",
                 seed=rank if self.seed is None else self.seed, enable_sleep_mode=self.enable_sleep_mode,
-                distributed_executor_backend="external_launcher" if world > 1 else None, **self.options,
+                distributed_executor_backend="external_launcher" if world > 1 else None, **self.llm_options,
             )
         finally:
             # vLLM reseeds the global generators, and its CPU worker turns torch.set_num_threads into a no-op;
@@ -179,27 +181,15 @@ class VLLMEngine(RolloutEngine):
             )
         return enc
 
-    def generate(
-        self,
-        policy: Any,
-        tokenizer: Any,
-        prompts: Sequence[str],
-        num_generations: int,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        generation_kwargs: dict[str, Any] | None = None,
-        use_model_generation_config: bool = False,
-        rows_per_call: int | None = None,
-        share_prompt: bool = True,
-        record_logprobs: bool = True,
+    def _generate(
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
     ) -> Rollout:
-        """B prompts × G samples from vLLM (``rows_per_call`` and ``share_prompt`` are vLLM's own business:
-        it batches requests and shares a prompt's KV blocks between its samples). Log-probs are always recorded."""
+        """B prompts × G samples from vLLM. ``rows_per_call`` and ``share_prompt`` are vLLM's own business (it
+        batches requests and shares a prompt's KV blocks between its samples); log-probs are always recorded."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        options = sampling_options(generation_kwargs, use_model_generation_config)
+        asked = sampling_options(options.generation_kwargs, options.use_model_generation_config)
         self.timings = {}
         if self.llm is None:
             self._build(policy, tokenizer)
@@ -209,20 +199,21 @@ class VLLMEngine(RolloutEngine):
         eos_ids = eos_token_ids(causal_lm(policy), tokenizer)
         enc = self._prompt_ids(tokenizer, prompts, device, max_new_tokens)
         params = SamplingParams(
-            n=num_generations, temperature=0.0 if options["greedy"] else temperature, top_p=1.0, top_k=0, min_p=0.0,
+            n=num_generations, temperature=0.0 if asked["greedy"] else options.temperature, top_p=1.0, top_k=0, min_p=0.0,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens,
-            min_tokens=options["min_tokens"], stop_token_ids=eos_ids, logprobs=0, detokenize=False,
+            min_tokens=asked["min_tokens"], stop_token_ids=eos_ids, logprobs=0, detokenize=False,
         )
+        # the prompts' own tokens, padding removed: vLLM's positions then match generate's, which skip padding
         requests = [TokensPrompt(prompt_token_ids=ids[m.bool()].tolist()) for ids, m in zip(enc.input_ids, enc.attention_mask)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         samples = [s for request in outputs for s in request.outputs]  # [B*G], a prompt's G adjacent
         completions = [torch.tensor(s.token_ids, dtype=torch.long, device=device) for s in samples]
+        # logprobs=0: each position's dict holds the sampled token alone
         logprobs = [torch.tensor([d[t].logprob for t, d in zip(s.token_ids, s.logprobs)], device=device) for s in samples]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-        return build_rollout(
-            enc.input_ids.repeat_interleave(num_generations, dim=0), enc.attention_mask.repeat_interleave(num_generations, dim=0),
-            completions, eos_ids, pad_id, tokenizer, logprobs,
-        )
+        G = num_generations
+        prompt_ids, prompt_mask = enc.input_ids.repeat_interleave(G, dim=0), enc.attention_mask.repeat_interleave(G, dim=0)
+        return build_rollout(prompt_ids, prompt_mask, completions, eos_ids, pad_id, tokenizer, logprobs)  # [B*G, P]
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
