@@ -66,3 +66,37 @@ def test_bad_options_fail_naming_the_option():
         ImportanceSampling("token_clip")
     with pytest.raises(ValueError, match="clip_min"):
         ImportanceSampling("token_mask", clip_max=1.0, clip_min=2.0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_step_weights_each_token_by_the_sampler_ratio(fused):
+    # The tiny model's rollout scored by the same model: with β = 0 and μ = 1 the ratio is 1, so with every
+    # advantage 1 each token's surrogate is 1 and the grpo loss is −1. A sampler whose log-probs are the
+    # trainer's + ln 2 on every token gives ρ = exp(−ln 2) = 0.5 everywhere (token_truncate, no bounds): −0.5.
+    # A sampler equal to the trainer gives ρ = 1: −1 again.
+    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.rollout import sequence_logprobs
+    from grpo_lightning.step import GRPOBatch, rows_loss
+
+    module = GRPOModule("builtin:tiny-arithmetic", dtype="float32", num_generations=4, max_new_tokens=8, beta=0)
+    torch.manual_seed(0)
+    rollout = module.engine.generate(module.policy, module.tokenizer, ["1+2=", "30+4="], 4, 8)
+    with torch.no_grad():
+        trainer = sequence_logprobs(module.policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+    mask = rollout.completion_mask
+    options = ImportanceSampling("token_truncate", clip_max=None)
+
+    def loss(sample_logp, importance):
+        rollout.sample_logprobs = sample_logp
+        data = GRPOBatch(rollout, None, torch.zeros(8), torch.ones(8), mask, 8, int(mask.sum()),
+                         torch.tensor(0.0), importance=importance)
+        out = rows_loss(module.policy, data, slice(None), None, fused=fused, chunk_rows=2, group=4, recompute=True,
+                        temperature=1.0, clip_eps=0.2, beta=0.0)
+        return out[2].item(), data.importance_ratios
+
+    plain, _ = loss(trainer, None)
+    same, ratios = loss(trainer, options)
+    halved, _ = loss(trainer + LN2, options)
+    assert math.isclose(plain, -1.0, rel_tol=1e-6)
+    assert math.isclose(same, -1.0, rel_tol=1e-4) and torch.allclose(torch.cat(ratios), torch.ones(1), atol=1e-4)
+    assert math.isclose(halved, -0.5, rel_tol=1e-4)
