@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
             wall = time.perf_counter() - self.start
             phases = {k: float(pl_module.timings.get(k, 0.0)) for k in ("sampling", "reference", "old_policy", "update")}
             cpu = time.process_time() - self.cpu
-            steps.append({"wall": wall, "cpu": cpu, **phases, "other": wall - sum(phases.values())})
+            steps.append({"wall": wall, "cpu": cpu, **phases, "other": wall - sum(phases.values()),
+                          # part of sampling: the vLLM engine's weight push (0 for generate)
+                          "weight_sync": float(pl_module.timings.get("weight_sync", 0.0))})
             metric = trainer.callback_metrics.get("completion/length_max")
             if metric is not None:
                 lengths.append(int(trainer.callback_metrics["completion/length_mean"].item()))
