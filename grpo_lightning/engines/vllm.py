@@ -146,7 +146,9 @@ class VLLMEngine(RolloutEngine):
 
     def free(self) -> None:
         if self.llm is not None and self.enable_sleep_mode and not self.asleep:
-            self.llm.sleep(level=2)  # level 2 drops the weights too: the next rollout pushes them anyway
+            # Level 2 drops the weights too: the next rollout pushes them anyway. GPUs only, untested until a
+            # GPU runs it.
+            self.llm.sleep(level=2)
             self.asleep, self.stale = True, True
 
     def _push(self, policy: Any) -> None:
