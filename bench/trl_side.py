@@ -56,7 +56,7 @@ def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, grad
         num_iterations=mu,
         max_completion_length=N,
         # Forced full length: EOS is masked until N tokens exist, so both sides sample N tokens per row.
-        generation_kwargs={"min_new_tokens": N},
+        generation_kwargs={"min_tokens": N} if use_vllm else {"min_new_tokens": N},  # vLLM's SamplingParams name
         temperature=workload.TEMPERATURE,
         beta=setting["beta"],
         epsilon=workload.CLIP_EPS,
