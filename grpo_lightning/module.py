@@ -85,8 +85,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
-        rollout: The rollout engine (a class path with ``init_args``); ``None`` for ``generate`` on the policy
-            (:mod:`grpo_lightning.engines`; vLLM: ``grpo_lightning.engines.vllm.VLLMEngine``, docs/vllm.md).
+        rollout: The rollout engine, a class path with ``init_args`` (:mod:`grpo_lightning.engines`, docs/vllm.md).
         malloc_mmap_threshold: From ``setup`` on, glibc returns freed buffers of this many bytes or more to the
             OS instead of keeping them in its heap (lower peak memory on the CPU; the whole process, Linux with
             glibc only; see :mod:`~grpo_lightning.allocator`). ``None`` leaves malloc as it is.
@@ -276,7 +275,6 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             gather=functools.partial(gather_rows, self._strategy),
         )
         data.ref_logp = self._reference_logprobs(rollout)
-        data.importance = self.engine.importance_sampling  # None: the engine samples with the trainer's numerics
         return data
 
     def _update(self, data: GRPOBatch) -> dict:

@@ -215,7 +215,9 @@ class VLLMEngine(RolloutEngine):
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
         G = num_generations
         prompt_ids, prompt_mask = enc.input_ids.repeat_interleave(G, dim=0), enc.attention_mask.repeat_interleave(G, dim=0)
-        return build_rollout(prompt_ids, prompt_mask, completions, eos_ids, pad_id, tokenizer, logprobs)  # [B*G, P]
+        rollout = build_rollout(prompt_ids, prompt_mask, completions, eos_ids, pad_id, tokenizer, logprobs)  # [B*G, P]
+        rollout.importance_sampling = self.importance_sampling
+        return rollout
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
