@@ -24,6 +24,7 @@ from grpo_lightning.distributed import (
     sum_over_processes,
 )
 from grpo_lightning.engines import GenerateEngine, RolloutEngine
+from grpo_lightning.engines.mixin import RolloutMixin
 from grpo_lightning.evaluation import EvaluationMixin
 from grpo_lightning.kernels import onednn_linears
 from grpo_lightning.lora import LoRA, adapters_off
@@ -36,7 +37,7 @@ from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_fun
 from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
 
 
-class GRPOModule(EvaluationMixin, L.LightningModule):
+class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
     """GRPO fine-tuning of a causal language model.
 
     Args:
@@ -253,17 +254,6 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         out = stage(*args)
         self.timings[name] = time.perf_counter() - clock
         return out
-
-    def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
-        hp = self.hparams
-        rollout = self.engine.generate(
-            self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens, temperature=hp.temperature,
-            rows_per_call=hp.rows_per_generate, generation_kwargs=hp.generation_kwargs, share_prompt=hp.share_prompt,
-            use_model_generation_config=hp.use_model_generation_config,
-        )
-        self.engine.free()  # between rollouts the engine's memory is the update's
-        self.timings.update(self.engine.timings)  # the engine's own stages, e.g. weight_sync
-        return rollout
 
     def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
         """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
