@@ -124,7 +124,7 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.train.module import GRPOModule
 
     memory = Memory(torch, args.device)
     if memory.cuda:

@@ -165,8 +165,8 @@ def format_table(g: Geometry, run: Run) -> str:
 def measure_prompt_lengths() -> dict[str, tuple[int, float]]:
     """{split: (longest, mean)} token counts of the packaged GSM8K sample's prompts, Qwen2 tokenizer."""
     from bench.workload import build_tokenizer
-    from grpo_lightning.answer_format import build_prompt
-    from grpo_lightning.data import load_records
+    from grpo_lightning.builtin.answer_format import build_prompt
+    from grpo_lightning.train.data import load_records
 
     tokenizer, out = build_tokenizer(), {}
     for split in ("train", "test"):

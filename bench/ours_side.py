@@ -52,8 +52,8 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
           adam: str = "default"):
     import torch
 
-    from grpo_lightning.lora import LoRA
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.hf.lora import LoRA
+    from grpo_lightning.train.module import GRPOModule
 
     N = setting["new_tokens"]
     return GRPOModule(

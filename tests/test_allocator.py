@@ -5,14 +5,14 @@ import sys
 
 import pytest
 
-from grpo_lightning import allocator
-from grpo_lightning.module import GRPOModule
+from grpo_lightning.fast import allocator
+from grpo_lightning.train.module import GRPOModule
 
 # Run apart: the setting is process-wide and permanent, and an earlier fit in this process has made it already.
 # (A 2 MiB chunk freed into the heap would serve the next 2 MiB request whatever the threshold: one run each.)
 SCRIPT = """
 import sys, torch
-from grpo_lightning import allocator
+from grpo_lightning.fast import allocator
 applied = allocator.set_mmap_threshold(2**20) if sys.argv[1] == "fixed" else None
 torch.ones(20 * 2**20 // 4)  # freed at once: glibc's own threshold follows it up to 20 MiB
 before = allocator.mapped_bytes()

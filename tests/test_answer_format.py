@@ -1,8 +1,11 @@
 """The answer format's one home: the seed's system prompt, and completions that read back what was written."""
 
-from grpo_lightning import answer_format, data, rewards, tiny
-from grpo_lightning.answer_format import SYSTEM_PROMPT, TAGS, build_prompt, extract_model_answer, format_completion
-from grpo_lightning.tasks import completion_text
+from grpo_lightning.builtin import answer_format, gsm8k as rewards, tiny
+from grpo_lightning.builtin.answer_format import (
+    SYSTEM_PROMPT, TAGS, build_prompt, extract_model_answer, format_completion,
+)
+from grpo_lightning.builtin.arithmetic import completion_text
+from grpo_lightning.train import data
 
 
 def test_system_prompt_is_the_seeds_byte_for_byte():

@@ -12,11 +12,11 @@ from bench import logprob_memory, ours_side, run, timing, workload  # noqa: E402
 
 
 def test_project_logprobs_match_the_full_log_softmax():
-    rollout = pytest.importorskip("grpo_lightning.rollout")
+    logprobs = pytest.importorskip("grpo_lightning.core.logprobs")
     h, w, t = logprob_memory.make_inputs(rows=5, tokens=7, hidden=16, vocab=50)
     expected = logprob_memory.full_logprobs(h, w, t)  # [5, 7]
     for chunk_rows in (1, 2, 5, 8):  # uneven last chunk and a chunk larger than N
-        got = rollout.token_logprobs(h, w, t, chunk_rows)
+        got = logprobs.token_logprobs(h, w, t, chunk_rows)
         assert got.shape == (5, 7)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -53,7 +53,7 @@ def test_trl_reward_signature():
 
 def test_a_lora_gives_both_sides_the_same_adapters(tiny_model_dir):
     trl_side = pytest.importorskip("bench.trl_side")
-    from grpo_lightning.lora import DEFAULT_TARGET_MODULES
+    from grpo_lightning.hf.lora import DEFAULT_TARGET_MODULES
 
     setting = workload.SETTINGS["a-lora"]
     config = trl_side.trl_peft_config(setting)

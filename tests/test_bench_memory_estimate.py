@@ -66,8 +66,8 @@ def test_saved_activations_are_what_autograd_saves(monkeypatch, gated):
     """The update's decoder forward under bf16 autocast on the CPU path that CUDA takes (oneDNN off)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from grpo_lightning.gated_mlp import gated_mlps
-    from grpo_lightning.rollout import completion_hidden
+    from grpo_lightning.fast.gated_mlp import gated_mlps
+    from grpo_lightning.hf.passes import completion_hidden
 
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     g = Geometry(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, vocab=100)

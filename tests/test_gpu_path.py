@@ -17,9 +17,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 import torch
 import yaml
 
-from grpo_lightning import distributed, module as module_file
-from grpo_lightning.cli import run
-from grpo_lightning.models import load_model_and_tokenizer
+from grpo_lightning.hf.models import load_model_and_tokenizer
+from grpo_lightning.train import distributed, module as module_file
+from grpo_lightning.train.cli import run
 from test_configs import TINY, args_of, grpo_overrides
 
 GPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen2.5-0.5b-gsm8k.yaml"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from grpo_lightning.head_logprob import TiedWeightGrad, head_loss, tied_embedding
-from grpo_lightning.loss import LOSS_AGGREGATIONS, grpo_loss
+from grpo_lightning.core.loss import LOSS_AGGREGATIONS, grpo_loss
+from grpo_lightning.fast.head_loss import TiedWeightGrad, head_loss, tied_embedding
 
 
 def _inputs(seed=0, N=5, C=6, H=16, V=40):
@@ -123,7 +123,7 @@ def test_update_gradients_equal_with_and_without_the_fused_head(tiny_model_dir):
     """The module's update loss through the fused head and through autograd: same loss and parameter gradients
     (shared-prompt pass, ratio away from 1, KL on)."""
     from conftest import fixed_update_batch
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.train.module import GRPOModule
 
     results = []
     for fused in (False, True):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from grpo_lightning.cli import run
+from grpo_lightning.train.cli import run
 
 CONFIG = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 STEPS, WINDOW = 30, 10

@@ -2,16 +2,11 @@
 
 import pytest
 
-from grpo_lightning.rewards import (
-    combined_reward,
-    correctness_reward,
-    extract_dataset_answer,
-    extract_model_answer,
-    format_reward,
-    is_correct,
-    last_number,
-    single_number,
+from grpo_lightning.builtin.gsm8k import (
+    combined_reward, correctness_reward, extract_dataset_answer, format_reward, is_correct, last_number, single_number,
 )
+
+from grpo_lightning.builtin.answer_format import extract_model_answer
 
 FULL = "<reasoning>\n6 * 7 = 42\n</reasoning>\n<answer>\n42\n</answer>"
 

@@ -6,16 +6,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_lightning.rollout import (
-    completion_mask,
-    eos_token_ids,
-    is_checkpointing,
-    position_ids,
-    sequence_logprobs,
-    set_checkpointing,
-    token_logprobs,
-)
-from grpo_lightning.sampling import generate_rollout
+from grpo_lightning.core.logprobs import completion_mask, token_logprobs
+from grpo_lightning.fast.head_loss import head_logprobs
+
+from grpo_lightning.hf.models import eos_token_ids, is_checkpointing, set_checkpointing
+
+from grpo_lightning.engines.generate import generate_rollout
+from grpo_lightning.hf.passes import position_ids, sequence_logprobs
+
+
+# the recomputing pass (its own backward) and the plain one (autograd) compute the same values
+LOGPROBS = {True: head_logprobs, False: token_logprobs}
 
 
 def test_completion_mask_through_first_eos():
@@ -55,7 +56,7 @@ def test_token_logprobs_match_plain_formula_and_gradients():
     plain = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     g_plain = torch.autograd.grad(plain.sum(), (hidden, weight), retain_graph=True)
     for recompute in (True, False):
-        ours = token_logprobs(hidden, weight, targets, chunk_rows=2, recompute=recompute)  # chunks of 2 + 2 + 1 rows
+        ours = LOGPROBS[recompute](hidden, weight, targets, chunk_rows=2)  # chunks of 2 + 2 + 1 rows
         assert torch.allclose(ours, plain, atol=1e-5)
         g_ours = torch.autograd.grad(ours.sum(), (hidden, weight))
         for a, b in zip(g_ours, g_plain):
@@ -87,7 +88,7 @@ def test_token_logprobs_with_temperature_bias_entropy_and_tied_weight(recompute)
         return logp.detach(), entropy, grads
 
     plain = run(lambda h: _plain_logits_logprobs(h, weight, bias, targets, 0.7))
-    ours = run(lambda h: token_logprobs(h, weight, targets, chunk_rows=2, bias=bias, recompute=recompute,
+    ours = run(lambda h: LOGPROBS[recompute](h, weight, targets, chunk_rows=2, bias=bias,
                                         temperature=0.7, with_entropy=True))
     assert torch.allclose(ours[0], plain[0], atol=1e-5)
     # entropy as lse − Σ p·z rounds differently from −Σ p log p: 1.7e-5 apart here, before and after the fused head

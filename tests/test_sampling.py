@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, TemperatureLogitsWarper
 
-from grpo_lightning.kernels import OneDNNLinear, linear, onednn_available, times_weight
-from grpo_lightning.sampling import generate_rollout, sampling_mode
+from grpo_lightning.engines.generate import generate_rollout, sampling_mode
+from grpo_lightning.fast.kernels import OneDNNLinear, linear, onednn_available, times_weight
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="needs torch's oneDNN (mkldnn) CPU kernels")
 PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]
@@ -66,7 +66,7 @@ def test_greedy_samples_equal_plain_generate_token_for_token(tiny_model_dir):
 
 def test_inverse_cdf_sampler_draws_softmax_over_temperature():
     """logits [0, ln 2, ln 4, 0, −inf, ln 3] at T = 1/2: weights [1, 4, 16, 1, 0, 9] / 31, by hand."""
-    from grpo_lightning.sampling import InverseCDFSampler
+    from grpo_lightning.fast.sampler import InverseCDFSampler
 
     n = 62_000
     logits = torch.tensor([0.0, math.log(2), math.log(4), 0.0, float("-inf"), math.log(3)]).expand(n, 6)

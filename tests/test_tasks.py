@@ -5,17 +5,10 @@ import re
 
 import pytest
 
-from grpo_lightning.rewards import extract_dataset_answer
-from grpo_lightning.tasks import (
-    CARELESS_FRACTION,
-    TEST_SIZE,
-    TRAIN_SIZE,
-    careless_answer,
-    completion_text,
-    load_task,
-    make_problem,
-    worked_answer,
+from grpo_lightning.builtin.arithmetic import (
+    CARELESS_FRACTION, TEST_SIZE, TRAIN_SIZE, careless_answer, completion_text, load_task, make_problem, worked_answer,
 )
+from grpo_lightning.builtin.gsm8k import extract_dataset_answer
 
 LINE = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)$")
 

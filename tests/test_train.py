@@ -8,7 +8,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_lightning.cli import run
+from grpo_lightning.train.cli import run
 
 
 def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **model: object) -> Path:
@@ -124,7 +124,7 @@ def test_beta_zero_has_no_reference_and_trains(tmp_path, tiny_model_dir, gsm8k_d
 
 
 def test_reference_refresh_every_n_steps(tiny_model_dir):
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.train.module import GRPOModule
 
     module = GRPOModule(str(tiny_model_dir), num_generations=2, ref_update_every=2)
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_reference_refresh_every_n_steps(tiny_model_dir):
 def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir, gsm8k_dir):
     config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "ckpt", gradient_checkpointing=True, mu=1))
     cli = run(["fit", "--config", config, "--trainer.max_steps", "2", "--eval.before", "false", "--eval.after", "false"])
-    from grpo_lightning.rollout import is_checkpointing
+    from grpo_lightning.hf.models import is_checkpointing
 
     assert cli.trainer.global_step == 2
     assert is_checkpointing(cli.model.policy) and cli.model.policy.training  # restored after each sampling

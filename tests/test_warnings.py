@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import grpo_lightning
-from grpo_lightning.cli import run
+from grpo_lightning.train.cli import run
 from test_train import make_config
 
 PROJECT = str(Path(grpo_lightning.__file__).parent)

@@ -1,0 +1,1 @@
+"""Rollout engines: prompts × G → a :class:`~grpo_lightning.core.types.Rollout`."""
