@@ -73,7 +73,6 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
         # Forced full length, and plain temperature sampling like TRL's (top_k 0 switches off the
         # transformers default of top-k 50).
         generation_kwargs={"min_new_tokens": N, "top_k": 0, "top_p": 1.0},
-        log_samples_every_n_steps=0,
         lora=LoRA(**setting["lora"]) if "lora" in setting else None,
         **extra,  # toggles measured one at a time, e.g. rows_per_update=4
     )
@@ -123,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from torch.utils.data import DataLoader
 
+    from grpo_lightning.fast.allocator import set_mmap_threshold
+
     setting = workload.SETTINGS[args.setting]
     model_dir = workload.prepare_model_dir(args.cache_dir)
     L.seed_everything(0, verbose=False)
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[step_clock(steps, lengths)],
     )
     loader = DataLoader(prompt_batches(setting["prompts"], args.steps), batch_size=None)
+    set_mmap_threshold(1 << 20)  # as the command line does for a CPU run (its malloc_mmap_threshold default)
     trainer.fit(module, train_dataloaders=loader)
     emit_result(
         "grpo-lightning", args.setting, setting, steps, lengths, load_s, rss_loaded,

@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from grpo_lightning.fast import allocator
-from grpo_lightning.train.module import GRPOModule
 
 # Run apart: the setting is process-wide and permanent, and an earlier fit in this process has made it already.
 # (A 2 MiB chunk freed into the heap would serve the next 2 MiB request whatever the threshold: one run each.)
@@ -34,6 +33,6 @@ def test_a_fixed_threshold_maps_buffers_that_the_moving_one_keeps_in_the_heap():
 
 
 @pytest.mark.parametrize("bad", [0, -1, allocator.MAX_THRESHOLD + 1])
-def test_a_threshold_glibc_would_refuse_is_one_clear_error(tiny_model_dir, bad):
-    with pytest.raises(ValueError, match="model.malloc_mmap_threshold"):
-        GRPOModule(str(tiny_model_dir), malloc_mmap_threshold=bad)
+def test_a_threshold_glibc_would_refuse_is_one_clear_error(bad):
+    with pytest.raises(ValueError, match="malloc_mmap_threshold must be in"):
+        allocator.set_mmap_threshold(bad)

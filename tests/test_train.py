@@ -27,11 +27,11 @@ def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **mo
             "max_new_tokens": 12,
             "mu": 2,
             "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
-            "log_samples_every_n_steps": 1,
             **model,
         },
         "data": {"source": str(data_dir), "batch_size": 2, "eval_size": 4, "eval_batch_size": 4},
         "checkpoint": {"dirpath": str(tmp_path / name / "ckpt"), "every_n_train_steps": 1},
+        "samples": {"every_n_steps": 1},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -58,6 +58,9 @@ def test_fit_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir):
     log_dir = Path(trainer.log_dir)
     logged = scalars(log_dir)
     assert len(logged["reward"]) == 3 and len(logged["kl"]) == 3  # one point per rollout step
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert [len(events.Tensors(t)) for t in events.Tags()["tensors"] if t.startswith("samples")] == [3]  # SampleText
     for tag in ("reward/std", "reward/correctness", "reward/format", "clip_fraction", "loss", "lr",
                 "completion/length_mean", "completion/truncated_fraction", "eval/accuracy_before",
                 "eval/accuracy_after", "eval/improvement"):

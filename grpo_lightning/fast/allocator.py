@@ -35,7 +35,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 def check_mmap_threshold(nbytes: int) -> None:
     if not 0 < nbytes <= MAX_THRESHOLD:
-        raise ValueError(f"model.malloc_mmap_threshold must be in (0, {MAX_THRESHOLD}] bytes, got {nbytes}")
+        raise ValueError(f"malloc_mmap_threshold must be in (0, {MAX_THRESHOLD}] bytes, got {nbytes}")
 
 
 def set_mmap_threshold(nbytes: int) -> bool:

@@ -166,6 +166,36 @@ class RandomStates(L.Callback):
             rank_zero_warn(message)
 
 
+def samples_text(prompt: str, completions: list[str], rewards: list[float]) -> str:
+    """A prompt and its first samples with their rewards, as Markdown for TensorBoard's text tab."""
+    return "\n\n".join(
+        f"**prompt**\n\n```\n{prompt}\n```\n\n**sample {i}, reward {rewards[i]:.2f}**\n\n```\n{completion}\n```"
+        for i, completion in enumerate(completions)
+    )
+
+
+class SampleText(L.Callback):
+    """A few completions of the step's first prompt, with their rewards, as text in TensorBoard.
+
+    Args:
+        every_n_steps: Log them every N rollout steps; 0 never.
+    """
+
+    def __init__(self, every_n_steps: int = 10):
+        if every_n_steps < 0:
+            raise ValueError(f"samples.every_n_steps must not be negative, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        samples = getattr(pl_module, "last_samples", None)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if samples is None or not self.every_n_steps or not hasattr(experiment, "add_text"):
+            return
+        step, global_step, prompt, completions, rewards = samples  # (global_step: when the samples were drawn)
+        if not step % self.every_n_steps:
+            experiment.add_text("samples", samples_text(prompt, completions, rewards), global_step=global_step)
+
+
 class GRPOProgressBar(TQDMProgressBar):
     """Counts rollout steps, not optimizer steps: ``max_steps`` holds μ optimizer steps per rollout step."""
 

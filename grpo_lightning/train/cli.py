@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
@@ -27,7 +28,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from grpo_lightning.train.callbacks import AccuracyCallback, GRPOProgressBar, HFExport
+from grpo_lightning.fast.allocator import check_mmap_threshold, set_mmap_threshold
+from grpo_lightning.train.callbacks import AccuracyCallback, GRPOProgressBar, HFExport, SampleText
 from grpo_lightning.train.checkpoints import (
     SAFE_GLOBALS, check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints,
 )
@@ -93,9 +95,39 @@ class ThreadsCLI(LightningCLI):
             torch.set_num_threads(threads)
 
 
+# Options that moved out of ``model``: an old config gets one message naming the new key.
+MOVED_KEYS = {
+    "model.log_samples_every_n_steps": "samples.every_n_steps",
+    "model.malloc_mmap_threshold": "malloc_mmap_threshold",
+}
+
+
+def check_moved_keys(args: list[str]) -> None:
+    """Refuse an old key of :data:`MOVED_KEYS` on the command line or in a ``--config`` file, naming its new key.
+
+    (Checked before parsing: the parser's own error for an unknown key does not say where the option went.)
+    """
+    found = [a.removeprefix("--").split("=")[0] for a in args if a.startswith("--model.")]
+    configs = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    configs += [b for a, b in zip(args, args[1:]) if a == "--config"]
+    for path in configs:
+        loaded = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+        model = loaded.get("model") if isinstance(loaded, dict) else None
+        found += [f"model.{k}" for k in model] if isinstance(model, dict) else []
+    for key in found:
+        if key in MOVED_KEYS:
+            raise ValueError(f"{key} has moved: set {MOVED_KEYS[key]} instead")
+
+
 class GRPOCLI(ThreadsCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--malloc_mmap_threshold", type=Optional[int], default=1 << 20,
+            help="Training on the CPU, glibc returns freed buffers of this many bytes or more to the OS (lower "
+                 "peak memory; the whole process, glibc only). None, or a GPU run, leaves malloc as it is.",
+        )
+        parser.add_lightning_class_args(SampleText, "samples")
         # Always-on callbacks, configured as top-level sections of the YAML.
         parser.add_lightning_class_args(AccuracyCallback, "eval")
         parser.add_lightning_class_args(HFExport, "export")
@@ -134,6 +166,11 @@ class GRPOCLI(ThreadsCLI):
                 "or set checkpoint.dirpath to a new directory"
             )
         check_max_steps(self.trainer.max_steps, self.model.hparams.mu)
+        threshold = self.config_init[self.subcommand].get("malloc_mmap_threshold")
+        if threshold is not None:
+            check_mmap_threshold(threshold)
+            if self.trainer.strategy.root_device.type == "cpu":  # a GPU step's memory is not host buffers
+                set_mmap_threshold(threshold)
         for callback in self.trainer.callbacks:
             if isinstance(callback, HFExport) and callback.export_dir:  # the default lies in a new log directory
                 callback.check(Path(callback.export_dir))
@@ -144,6 +181,7 @@ class GRPOCLI(ThreadsCLI):
 
 def run(args: list[str] | None = None) -> GRPOCLI:
     """Build the CLI and run its subcommand (``args`` instead of ``sys.argv``, for tests)."""
+    check_moved_keys(sys.argv[1:] if args is None else args)
     return GRPOCLI(
         GRPOModule,
         GSM8KDataModule,

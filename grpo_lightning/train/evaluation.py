@@ -54,11 +54,3 @@ class EvaluationMixin:
         log_dir = self.trainer.log_dir
         if log_dir is not None and rows and self.trainer.is_global_zero:
             write_jsonl(Path(log_dir) / "validate_examples.jsonl", rows)
-
-
-def samples_text(prompt: str, completions: list[str], rewards: list[float]) -> str:
-    """A prompt and its first samples with their rewards, as Markdown for TensorBoard's text tab."""
-    return "\n\n".join(
-        f"**prompt**\n\n```\n{prompt}\n```\n\n**sample {i}, reward {rewards[i]:.2f}**\n\n```\n{completion}\n```"
-        for i, completion in enumerate(completions)
-    )

@@ -23,18 +23,17 @@ from grpo_lightning.core.scoring import DEFAULT_REWARD_FUNCS, Scores, load_rewar
 from grpo_lightning.core.step import prepare_batch, score_rollout, step_metrics
 from grpo_lightning.core.types import GRPOBatch, Rollout
 from grpo_lightning.engines.generate import generate_rollout
-from grpo_lightning.fast.allocator import set_mmap_threshold
 from grpo_lightning.fast.head_loss import FusedHead
 from grpo_lightning.hf.lora import LoRA
 from grpo_lightning.hf.models import build_policy
 from grpo_lightning.hf.passes import PolicyPasses, held_root
-from grpo_lightning.train.callbacks import RandomStates
+from grpo_lightning.train.callbacks import RandomStates, SampleText
 from grpo_lightning.train.distributed import (
     gather_rows, gradient_scale, no_backward_sync, seed_this_process, sum_over_processes, synchronize,
 )
-from grpo_lightning.train.evaluation import EvaluationMixin, samples_text
+from grpo_lightning.train.evaluation import EvaluationMixin
 from grpo_lightning.train.guard import SkipGuard
-from grpo_lightning.train.options import check_choices, check_max_steps, check_memory_and_reference, check_sizes
+from grpo_lightning.train.options import check_choices, check_max_steps, check_reference, check_sizes
 from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
 from grpo_lightning.train.preemption import at_stage_end
 from grpo_lightning.train.reference import build_reference, reference_logprobs, refresh_reference
@@ -89,12 +88,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             change the sampling distribution (top-k, top-p, ...) make the loss score a different one.
         eval_max_new_tokens: Longest completion during evaluation; ``None`` for ``max_new_tokens``.
         eval_generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
-        log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
-        malloc_mmap_threshold: Training on the CPU, glibc returns freed buffers of this many bytes or more to
-            the OS (lower peak memory; the whole process, glibc only; :mod:`~grpo_lightning.fast.allocator`).
-            ``None``, or a GPU run (host buffers are not its step's memory), leaves malloc as it is.
     """
 
     def __init__(
@@ -131,14 +126,12 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         generation_kwargs: dict[str, Any] | None = None,
         eval_max_new_tokens: int | None = None,
         eval_generation_kwargs: dict[str, Any] | None = None,
-        log_samples_every_n_steps: int = 10,
         lora: LoRA | None = None,
-        malloc_mmap_threshold: int | None = 1 << 20,
     ):
         super().__init__()
         check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
         check_choices(loss_type, scale_rewards, clip_eps, epsilon_high, temperature)
-        check_memory_and_reference(malloc_mmap_threshold, lora, ref_update_every, beta)
+        check_reference(lora, ref_update_every, beta)
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -177,15 +170,16 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         # Before a checkpoint's random states are restored: every process samples from its own stream.
         seed_this_process(self.global_rank)
-        if self.hparams.malloc_mmap_threshold is not None and self.trainer.strategy.root_device.type == "cpu":
-            set_mmap_threshold(self.hparams.malloc_mmap_threshold)
 
     @property
     def _strategy(self) -> Any:
         return self._trainer.strategy if self._trainer is not None else None
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [RandomStates()]  # a resumed run samples what the uninterrupted run would have (one per trainer)
+        # installed by the command line, and by default without it (random states: a resumed run samples
+        # what the uninterrupted run would have)
+        given = self.trainer.callbacks if self._trainer is not None else []
+        return [c() for c in (RandomStates, SampleText) if not any(isinstance(g, c) for g in given)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
@@ -227,7 +221,9 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         data = self._timed("reference", self._advantages, rollout, scores)
         stats = self._timed("update", self._update, data)
         self._log_step(data, stats)
-        self._log_samples(step, batch, rollout, scores.total)
+        # for the sample-text callback: the first prompt and its first samples
+        G = self.hparams.num_generations
+        self.last_samples = (step, self.global_step, batch["prompt"][0], rollout.completions[: min(2, G)], scores.total[: min(2, G)])
 
     def _timed(self, name: str, stage: Any, *args: Any) -> Any:
         synchronize(self.device)  # a GPU runs behind the host: its work lands in the phase that queued it
@@ -340,10 +336,3 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         timings = {f"time/{k}": torch.tensor(v) for k, v in self.timings.items()}
         skipped = torch.tensor(float(self.guard.total))  # optimizer steps skipped so far, non-finite
         self.log_dict({**metrics, "lr": lr, **stats, **timings, "skipped_steps": skipped}, batch_size=N)
-
-    def _log_samples(self, step: int, batch: dict, rollout: Rollout, rewards: list[float]) -> None:
-        every = self.hparams.log_samples_every_n_steps
-        experiment = getattr(self.logger, "experiment", None)
-        if every and not step % every and hasattr(experiment, "add_text"):
-            text = samples_text(batch["prompt"][0], rollout.completions[: min(2, self.hparams.num_generations)], rewards)
-            experiment.add_text("samples", text, global_step=self.global_step)

@@ -6,7 +6,6 @@ from typing import Any
 
 from grpo_lightning.core.advantages import REWARD_SCALES
 from grpo_lightning.core.loss import LOSS_AGGREGATIONS
-from grpo_lightning.fast.allocator import check_mmap_threshold
 
 
 def check_sizes(G: int, max_new: int, mu: int, rows_gen: int | None, rows_upd: int | None, chunk: int) -> None:
@@ -31,9 +30,7 @@ def check_choices(loss_type: str, scale_rewards: str, clip_eps: float, epsilon_h
         raise ValueError(f"model.temperature must be positive (log-probs divide the logits by it), got {temperature}")
 
 
-def check_memory_and_reference(malloc_mmap_threshold: int | None, lora: Any, ref_update_every: int, beta: float) -> None:
-    if malloc_mmap_threshold is not None:
-        check_mmap_threshold(malloc_mmap_threshold)
+def check_reference(lora: Any, ref_update_every: int, beta: float) -> None:
     if lora is not None and ref_update_every and beta != 0:
         raise ValueError(
             "model.ref_update_every must be 0 with model.lora: the reference is the base model (adapters "
