@@ -23,6 +23,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from grpo_lightning.builtin import BUILTIN_PREFIX
 from grpo_lightning.builtin.answer_format import TAGS, build_prompt
 from grpo_lightning.builtin.arithmetic import completion_text, load_task
 
@@ -30,8 +31,8 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 VOCAB_SIZE = 512
 # Qwen2's pre-tokenizer pattern: contractions, words, single digits, punctuation runs, newlines, spaces.
 QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-arithmetic",)
+
 
 def corpus() -> list[str]:
     """The tokenizer's training text: every train prompt and its worked completion."""

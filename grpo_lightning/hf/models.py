@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from grpo_lightning.builtin import is_path
 from grpo_lightning.hf.lora import LoRA, add_lora
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,7 +26,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[An
     name_or_path = resolve_model_path(name_or_path)  # builtin:NAME → the packaged model's directory
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+    if is_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"model path {name_or_path} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -3,7 +3,6 @@ in checkpoints, a progress bar."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,8 @@ from tqdm.auto import tqdm
 
 from grpo_lightning.hf.lora import is_lora, save_lora
 from grpo_lightning.train.atomic import atomic_dir
-from grpo_lightning.train.distributed import gather_objects, interleave, restore_rng_states, rng_state
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSON lines, refusing to replace a file that is already there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("x", encoding="utf-8") as f:  # "x": never overwrite an earlier result
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+from grpo_lightning.train.distributed import gather_objects, restore_rng_states, rng_state
+from grpo_lightning.train.evaluation import correct_counts, write_examples
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
@@ -65,15 +57,11 @@ class AccuracyCallback(L.Callback):
             # under the trainer's precision (autocast for bf16-mixed), as validate and the training samples run
             with trainer.precision_plugin.val_step_context():
                 batch_rows = module.evaluate_batch(batch)
-            correct = torch.tensor([r["correct"] for r in batch_rows], device=module.device)
-            metric.update(correct, torch.ones_like(correct))
+            metric.update(*correct_counts(batch_rows, module.device))
             rows += batch_rows
         accuracy = metric.compute().item()  # counts summed over processes: the accuracy of every example
-        # Each process evaluated its own examples, none twice (the loader's sampler): one file holds them all.
-        rows = interleave(gather_objects(trainer.strategy, rows))
-        log_dir = _log_dir(trainer)  # on every process: trainer.log_dir broadcasts
-        if trainer.is_global_zero:
-            write_jsonl(log_dir / f"eval_{stage}.jsonl", rows)
+        # on every process: trainer.log_dir broadcasts
+        write_examples(trainer.strategy, rows, _log_dir(trainer) / f"eval_{stage}.jsonl", trainer.is_global_zero)
         return accuracy
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:

@@ -7,7 +7,9 @@ The accuracy callback calls :meth:`EvaluationMixin.evaluate_batch` before and af
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,15 +44,31 @@ class EvaluationMixin:
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         rows = self.evaluate_batch(batch)
         self.val_rows += rows
-        correct = torch.tensor([r["correct"] for r in rows], device=self.device)
-        self.val_accuracy.update(correct, torch.ones_like(correct))
+        self.val_accuracy.update(*correct_counts(rows, self.device))
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(rows))
 
     def on_validation_epoch_end(self) -> None:
-        from grpo_lightning.train.callbacks import write_jsonl
-
-        # each process evaluated its own examples (the loader's sampler splits them without repeats)
-        rows = interleave(gather_objects(self.trainer.strategy, self.val_rows))
         log_dir = self.trainer.log_dir
-        if log_dir is not None and rows and self.trainer.is_global_zero:
-            write_jsonl(Path(log_dir) / "validate_examples.jsonl", rows)
+        if log_dir is not None:
+            write_examples(self.trainer.strategy, self.val_rows, Path(log_dir) / "validate_examples.jsonl",
+                           self.trainer.is_global_zero)
+
+
+def correct_counts(rows: list[dict], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, targets) of a batch's rows for a binary accuracy: each row's match against "correct"."""
+    correct = torch.tensor([r["correct"] for r in rows], device=device)
+    return correct, torch.ones_like(correct)
+
+
+def write_examples(strategy: Any, rows: list[dict], path: Path, is_global_zero: bool) -> None:
+    """Every process's rows in one JSON-lines file, in order, written by process 0; never over an earlier one.
+
+    Each process evaluated its own examples (the loader's sampler splits them without repeats). Every process
+    must call this (the rows are gathered).
+    """
+    rows = interleave(gather_objects(strategy, rows))
+    if rows and is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("x", encoding="utf-8") as f:  # "x": never overwrite an earlier result
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -14,12 +14,12 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
+from grpo_lightning.builtin import BUILTIN_PREFIX, is_path
 from grpo_lightning.builtin.answer_format import SYSTEM_PROMPT, build_prompt  # noqa: F401 (re-exported)
 from grpo_lightning.core.scoring import import_object
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 DEFAULT_ANSWER_EXTRACTOR = "grpo_lightning.builtin.gsm8k.extract_dataset_answer"  # GSM8K's: the text after "####"
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATA = ("gsm8k-sample",)  # packaged under grpo_lightning/assets/, with their licenses
 
 
@@ -64,7 +64,7 @@ def _local_file(path: Path, split: str) -> Path:
 
 
 def _looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
+    return is_path(source) or source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
 
 
 def load_records(
