@@ -8,7 +8,7 @@ through them): ``GRPOModule`` under ``bf16-mixed`` with fp32 weights, fused Adam
 ``share_prompt`` on, ``rows_per_update`` None (all rows in one forward), the fused head loss. Allocator
 overhead (``max_memory_reserved`` − ``max_memory_allocated``) and the CUDA context are not counted.
 The update's saved activations (:func:`saved_activations`) are checked against the tensors autograd really
-saves, on the CPU with the CPU-only kernels off (``tests/test_bench_memory_estimate.py``).
+saves, on the CPU with the CPU-only kernels off (``bench/tests/test_memory_estimate.py``).
 """
 
 from __future__ import annotations

@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `bench`
 
 from bench import memory_estimate as me  # noqa: E402
 from bench.limits import Geometry  # noqa: E402
 
-# hidden 4, 2 heads of width 2, 1 KV head, intermediate 8, vocab 10, one layer (tests/test_bench_limits.py's)
+# hidden 4, 2 heads of width 2, 1 KV head, intermediate 8, vocab 10, one layer (test_limits.py's)
 TINY = Geometry(hidden=4, layers=1, heads=2, kv_heads=1, intermediate=8, vocab=10)
 # 1 prompt × 2 samples: N = 2 rows, P = 3, C = 2, so T = 5 and S = N·T = 10 tokens; 1 row per head chunk
 RUN = me.Run(prompts=1, generations=2, prompt_length=3, new_tokens=2, chunk_rows=1, eval_rows=2, eval_prompt_length=3)
 
 
 def test_parameters():
-    # matrices 184 (test_bench_limits), biases q 4 + k 2 + v 2 = 8, norms 2·4 + 4 = 12
+    # matrices 184 (test_limits), biases q 4 + k 2 + v 2 = 8, norms 2·4 + 4 = 12
     assert me.parameters(TINY) == 204
     assert me.parameters(me.QWEN_05B) == 494_032_768  # Qwen2.5-0.5B-Instruct's count
     # the log-prob chunk of the issue: 8 × 500 × 151,936 fp32 logits
