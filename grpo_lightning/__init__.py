@@ -26,6 +26,11 @@ _EXPORTS = {
     "grpo_loss": "grpo_lightning.core.loss",
     "generate_rollout": "grpo_lightning.engines.generate",
     "PolicyPasses": "grpo_lightning.hf.passes",
+    "RolloutEngine": "grpo_lightning.engines.base",
+    "GenerateEngine": "grpo_lightning.engines.generate",
+    "ReplayEngine": "grpo_lightning.engines.replay",
+    "RecordingEngine": "grpo_lightning.engines.replay",
+    "VLLMEngine": "grpo_lightning.engines.vllm",  # needs the vllm extra
 }
 
 __all__ = sorted(_EXPORTS)

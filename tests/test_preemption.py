@@ -174,7 +174,7 @@ def test_handlers_leave_slurm_requeue_signal_alone():
 
 def test_restore_rng_states_takes_this_process_state_and_warns_on_another_count():
     torch.manual_seed(3)
-    from grpo_lightning.train.distributed import rng_state
+    from grpo_lightning.engines.base import rng_state
 
     state = rng_state()
     expected = torch.rand(2)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from grpo_lightning.core.advantages import drop_truncated, frac_reward_zero_std, group_advantages
+from grpo_lightning.core.importance import importance_weights, ratio_summary, ratio_values
 from grpo_lightning.core.scoring import RewardFunc, Scores, applied_mean, check_step_rewards, score
 from grpo_lightning.core.types import GRPOBatch, Rollout
 
@@ -108,4 +109,20 @@ def step_metrics(data: GRPOBatch) -> dict[str, Tensor]:
         "completion/length_mean": lengths.mean(),
         "completion/length_max": lengths.max(),
         "completion/truncated_fraction": rows["truncated"].mean(),
+        # this process's sampled tokens (or completions, in sequence modes), as TRL logs them
+        **ratio_summary(torch.cat(data.importance_ratios) if data.importance_ratios else torch.zeros(0)),
     }
+
+
+def token_weights(data: GRPOBatch, part: slice, old_logp: Tensor) -> Tensor | None:
+    """The importance weights of rows ``part`` ([n, C] or [n, 1]; None without a correction), kept for the log.
+
+    ``old_logp`` [n, C]: the trainer's log-probs under the weights that sampled (the first update's, detached).
+    """
+    sample_logp = data.rollout.sample_logprobs
+    if data.importance is None or sample_logp is None:
+        return None
+    mask = data.rollout.completion_mask[part]
+    weights = importance_weights(old_logp, sample_logp[part], mask, data.importance)
+    data.importance_ratios.append(ratio_values(weights, mask))
+    return weights

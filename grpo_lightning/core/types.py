@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from grpo_lightning.core.importance import ImportanceSampling
 from grpo_lightning.core.scoring import Scores
 
 
@@ -38,3 +39,6 @@ class GRPOBatch:
     # the step's per-row values over every process ([W*N] each; this process's N rows with one process):
     # "reward", "length", "truncated", "tokens", and "reward/<function>" (NaN where it did not apply)
     step_rows: dict[str, Tensor] = field(default_factory=dict)
+    # the correction for a sampler whose log-probs are not the trainer's (None: none), and the ratios it used
+    importance: ImportanceSampling | None = None
+    importance_ratios: list[Tensor] = field(default_factory=list)

@@ -1,4 +1,5 @@
-"""Sampling rollouts with ``generate``, in the mode and with the kernels that decoding wants.
+"""The default rollout engine (:class:`GenerateEngine`): ``generate`` on the policy, in the mode and with the
+kernels that decoding wants.
 
 Two traps shape this file. Sampling runs in eval mode with the KV cache on and gradient checkpointing
 paused: a checkpointed decoder in train mode drops the cache while ``generate`` feeds one token per step,
@@ -15,12 +16,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList
 
-from grpo_lightning.core.logprobs import completion_mask
 from grpo_lightning.core.types import Rollout
+from grpo_lightning.engines.base import RolloutEngine, Sampling, build_rollout
 from grpo_lightning.fast.kernels import onednn_linears
 from grpo_lightning.fast.sampler import InverseCDFSampler
 from grpo_lightning.hf.models import causal_lm, eos_token_ids, is_checkpointing, set_checkpointing
@@ -152,20 +152,24 @@ def generate_rollout(
             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,
             output_scores=record_logprobs and sampler is None, **kwargs,
         )
-    C = max(p.shape[1] for p in pieces)
-    completion_ids = torch.cat([F.pad(p, (0, C - p.shape[1]), value=pad_id) for p in pieces])  # [N, C]
-    sample_logprobs = torch.cat([F.pad(p, (0, C - p.shape[1])) for p in logprob_pieces]) if record_logprobs else None
-    mask = completion_mask(completion_ids, eos_ids)
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
-    texts = tokenizer.batch_decode(
-        [ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True
+    return build_rollout(
+        prompt_ids, prompt_mask, pieces, eos_ids, pad_id, tokenizer, logprob_pieces if record_logprobs else None
     )
-    return Rollout(
-        input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-        attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
-        completion_mask=mask,
-        prompt_length=P,
-        completions=texts,
-        truncated=~is_eos.any(dim=1),
-        sample_logprobs=sample_logprobs,
-    )
+
+
+class GenerateEngine(RolloutEngine):
+    """The default engine: :func:`generate_rollout` on the policy itself.
+
+    It samples from the very weights being trained, so nothing is pushed after an update and its recorded
+    log-probs are the trainer's own: no importance-sampling correction applies.
+    """
+
+    def _generate(
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+    ) -> Rollout:
+        o = options
+        return generate_rollout(
+            policy, tokenizer, prompts, num_generations, max_new_tokens, o.temperature, o.rows_per_call,
+            o.generation_kwargs, record_logprobs=o.record_logprobs, share_prompt=o.share_prompt,
+            use_model_generation_config=o.use_model_generation_config,
+        )

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from grpo_lightning.core.logprobs import token_logprobs
 from grpo_lightning.core.loss import grpo_loss
+from grpo_lightning.core.step import token_weights
 from grpo_lightning.core.types import GRPOBatch
 from grpo_lightning.hf.models import cache_argument, causal_lm, decoder, is_checkpointing
 
@@ -159,10 +160,12 @@ class PolicyPasses(torch.nn.Module):
 
         def loss_of(logp: Tensor, start: int, stop: int) -> tuple[Tensor, dict[str, Tensor]]:  # rows [start, stop) of ``rows``
             part = slice(lo + start, lo + stop)
+            old = None if old_logp is None else old_logp[part]
             return grpo_loss(
-                logp, None if old_logp is None else old_logp[part], None if data.ref_logp is None else data.ref_logp[part],
+                logp, old, None if data.ref_logp is None else data.ref_logp[part],
                 data.advantages[part], data.loss_mask[part], num_sequences=data.num_sequences,
-                num_tokens=data.num_tokens, **loss_kwargs,
+                num_tokens=data.num_tokens, token_weights=token_weights(data, part, logp if old is None else old),
+                **loss_kwargs,
             )
 
         ids, attn = r.input_ids[rows], r.attention_mask[rows]
@@ -180,6 +183,11 @@ def held_root(owner: Any, name: str, model: Any, head: PlainHead | None = None) 
         root = PolicyPasses(model, head)
         object.__setattr__(owner, name, root)
     return None if model is None else root
+
+
+def bare_model(model: Any) -> Any:
+    """The model a root runs its passes over (``model`` itself when it is no root)."""
+    return model.model if isinstance(model, PolicyPasses) else model
 
 
 def as_passes(model: Any) -> PolicyPasses:

@@ -13,9 +13,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torchmetrics.classification import BinaryAccuracy
 from tqdm.auto import tqdm
 
+from grpo_lightning.engines.base import rng_state
 from grpo_lightning.hf.lora import is_lora, save_lora
 from grpo_lightning.train.atomic import atomic_dir
-from grpo_lightning.train.distributed import gather_objects, restore_rng_states, rng_state
+from grpo_lightning.train.distributed import gather_objects, restore_rng_states
 from grpo_lightning.train.evaluation import correct_counts, write_examples
 
 

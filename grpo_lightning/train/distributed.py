@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grpo_lightning.engines.base import rng_state, set_rng_state  # noqa: F401 (re-exported)
+
 
 def world_size(strategy: Any) -> int:
     return getattr(strategy, "world_size", 1) if strategy is not None else 1
@@ -92,29 +94,6 @@ def seed_this_process(rank: int) -> None:
         return
     torch.manual_seed(int(seed) + rank)  # every device's generator too
     random.seed(int(seed) + rank)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random-number state (torch, its own CUDA device's, Python): what sampling draws from.
-
-    Only the current device's CUDA state: a process samples on its one device, and a resume may see fewer GPUs.
-    """
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore a state saved by :func:`rng_state` (or by the older layout, a list of every visible device's)."""
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if isinstance(cuda, list):  # every visible device's: this process's own is its current device's
-        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None
-    if cuda is not None and len(cuda) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
-    random.setstate(state["python"])
 
 
 def restore_rng_states(states: Any, rank: int, world: int) -> str | None:

@@ -22,7 +22,8 @@ from grpo_lightning.core.loss import token_mean_part
 from grpo_lightning.core.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.core.step import prepare_batch, score_rollout, step_metrics
 from grpo_lightning.core.types import GRPOBatch, Rollout
-from grpo_lightning.engines.generate import generate_rollout
+from grpo_lightning.engines.base import RolloutEngine
+from grpo_lightning.engines.generate import GenerateEngine
 from grpo_lightning.fast.head_loss import FusedHead
 from grpo_lightning.hf.lora import LoRA
 from grpo_lightning.hf.models import build_policy
@@ -90,6 +91,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         eval_generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
+        rollout: The rollout engine (a class path with ``init_args``); ``None`` for ``generate`` on the policy
+            (:mod:`grpo_lightning.engines`; vLLM: ``grpo_lightning.engines.vllm.VLLMEngine``, docs/vllm.md).
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         eval_max_new_tokens: int | None = None,
         eval_generation_kwargs: dict[str, Any] | None = None,
         lora: LoRA | None = None,
+        rollout: RolloutEngine | None = None,
     ):
         super().__init__()
         check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
@@ -134,7 +138,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         check_reference(lora, ref_update_every, beta)
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rollout"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = build_policy(model_name_or_path, dtype, lora, gradient_checkpointing, input_require_grads)
@@ -143,6 +147,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         self.timings: dict[str, float] = {}
         self._loss_scale, self._grad_norm = 1.0, torch.zeros(())
         self.guard = SkipGuard(max_consecutive_skips)
+        self.engine = rollout if rollout is not None else GenerateEngine()
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -163,8 +168,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
     def on_fit_start(self) -> None:
         check_max_steps(self.trainer.max_steps, self.hparams.mu)  # the command line checks it before fit too
         # After the precision plugin has cast the weights (bf16-true does) and the optimizer exists.
-        message = rounding_warning(self.optimizers().param_groups)
-        if message:
+        if message := rounding_warning(self.optimizers().param_groups):
             rank_zero_warn(message)
 
     def setup(self, stage: str) -> None:
@@ -185,6 +189,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
         if "skip_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["skip_guard"])
 
@@ -220,6 +225,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         scores = score_rollout(self.reward_funcs, batch, rollout, self.hparams.num_generations)
         data = self._timed("reference", self._advantages, rollout, scores)
         stats = self._timed("update", self._update, data)
+        self.engine.update_weights(self.policy)  # the next rollout samples from the updated weights
         self._log_step(data, stats)
         # for the sample-text callback: the first prompt and its first samples
         G = self.hparams.num_generations
@@ -236,11 +242,14 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
 
     def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
         hp = self.hparams
-        return generate_rollout(
-            self.passes, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens,
-            hp.temperature, hp.rows_per_generate, hp.generation_kwargs, share_prompt=hp.share_prompt,
+        rollout = self.engine.generate(
+            self.passes, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens, temperature=hp.temperature,
+            rows_per_call=hp.rows_per_generate, generation_kwargs=hp.generation_kwargs, share_prompt=hp.share_prompt,
             use_model_generation_config=hp.use_model_generation_config,
         )
+        self.engine.free()  # between rollouts the engine's memory is the update's
+        self.timings.update(self.engine.timings)  # the engine's own stages, e.g. weight_sync
+        return rollout
 
     def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
         """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
@@ -252,6 +261,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             gather=functools.partial(gather_rows, self._strategy),
         )
         data.ref_logp = self._reference_logprobs(rollout)
+        data.importance = self.engine.importance_sampling  # None: the engine samples with the trainer's numerics
         return data
 
     def _update(self, data: GRPOBatch) -> dict:
@@ -266,11 +276,9 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         parts sum over processes too. DDP and FSDP average gradients over processes, hence the loss is scaled
         by their number, and every chunk but the last skips the gradient all-reduce (one per optimizer step).
         """
-        hp = self.hparams
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
         mask = data.loss_mask
-        n = mask.shape[0]  # this process's rows
-        per = hp.rows_per_update or n
+        n, per = mask.shape[0], hp.rows_per_update or mask.shape[0]  # this process's rows, rows per chunk
         scale, self._loss_scale = gradient_scale(self._strategy), loss_scale(grad_scaler(self._trainer))
         old_logp = torch.zeros(mask.shape, device=self.device) if hp.mu > 1 else None  # [n, C]
         totals: dict[str, torch.Tensor] = {}
