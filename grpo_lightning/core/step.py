@@ -119,10 +119,10 @@ def token_weights(data: GRPOBatch, part: slice, old_logp: Tensor) -> Tensor | No
 
     ``old_logp`` [n, C]: the trainer's log-probs under the weights that sampled (the first update's, detached).
     """
-    sample_logp = data.rollout.sample_logprobs
-    if data.importance is None or sample_logp is None:
+    rollout = data.rollout
+    if rollout.importance_sampling is None or rollout.sample_logprobs is None:
         return None
-    mask = data.rollout.completion_mask[part]
-    weights = importance_weights(old_logp, sample_logp[part], mask, data.importance)
+    mask = rollout.completion_mask[part]
+    weights = importance_weights(old_logp, rollout.sample_logprobs[part], mask, rollout.importance_sampling)
     data.importance_ratios.append(ratio_values(weights, mask))
     return weights

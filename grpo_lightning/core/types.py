@@ -21,6 +21,8 @@ class Rollout:
     completions: list[str]  # N decoded completions, EOS and what follows removed
     truncated: Tensor  # [N] bool: no EOS within max_new_tokens
     sample_logprobs: Tensor | None = None  # [N, C] log-probs seen by the sampler, when recorded
+    # how the loss corrects for a sampler whose log-probs are not the trainer's (None: it samples as the trainer)
+    importance_sampling: ImportanceSampling | None = None
 
 
 @dataclass
@@ -39,6 +41,5 @@ class GRPOBatch:
     # the step's per-row values over every process ([W*N] each; this process's N rows with one process):
     # "reward", "length", "truncated", "tokens", and "reward/<function>" (NaN where it did not apply)
     step_rows: dict[str, Tensor] = field(default_factory=dict)
-    # the correction for a sampler whose log-probs are not the trainer's (None: none), and the ratios it used
-    importance: ImportanceSampling | None = None
+    # the importance-sampling ratios the updates used (rollout.importance_sampling), kept for the log
     importance_ratios: list[Tensor] = field(default_factory=list)

@@ -38,9 +38,10 @@ from grpo_lightning.train.options import check_choices, check_max_steps, check_r
 from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
 from grpo_lightning.train.preemption import at_stage_end
 from grpo_lightning.train.reference import build_reference, reference_logprobs, refresh_reference
+from grpo_lightning.engines.mixin import RolloutMixin
 
 
-class GRPOModule(EvaluationMixin, L.LightningModule):
+class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
     """GRPO fine-tuning of a causal language model.
 
     Args:
@@ -91,8 +92,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         eval_generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
-        rollout: The rollout engine (a class path with ``init_args``); ``None`` for ``generate`` on the policy
-            (:mod:`grpo_lightning.engines`; vLLM: ``grpo_lightning.engines.vllm.VLLMEngine``, docs/vllm.md).
+        rollout: The rollout engine, a class path with ``init_args`` (:mod:`grpo_lightning.engines`, docs/vllm.md).
     """
 
     def __init__(
@@ -240,17 +240,6 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         at_stage_end(self._trainer, name)  # a boundary between stages: where a signalled run stops
         return out
 
-    def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
-        hp = self.hparams
-        rollout = self.engine.generate(
-            self.passes, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens, temperature=hp.temperature,
-            rows_per_call=hp.rows_per_generate, generation_kwargs=hp.generation_kwargs, share_prompt=hp.share_prompt,
-            use_model_generation_config=hp.use_model_generation_config,
-        )
-        self.engine.free()  # between rollouts the engine's memory is the update's
-        self.timings.update(self.engine.timings)  # the engine's own stages, e.g. weight_sync
-        return rollout
-
     def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
         """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
         hp = self.hparams
@@ -261,7 +250,6 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             gather=functools.partial(gather_rows, self._strategy),
         )
         data.ref_logp = self._reference_logprobs(rollout)
-        data.importance = self.engine.importance_sampling  # None: the engine samples with the trainer's numerics
         return data
 
     def _update(self, data: GRPOBatch) -> dict:
