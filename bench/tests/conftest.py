@@ -8,3 +8,6 @@ _fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixtures)
 
 tiny_model_dir = _fixtures.tiny_model_dir
+# The project's tests import helpers with ``from conftest import ...``; when both test folders are collected
+# that name may resolve to this file, so it offers the same names.
+globals().update({k: v for k, v in vars(_fixtures).items() if not k.startswith("_")})
