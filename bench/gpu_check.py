@@ -41,7 +41,7 @@ from bench.timing import PhaseTimer, emit, summarise
 SEED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen2.5-0.5b-gsm8k.yaml"
 GIB = 1024**3
 # the config's data, logging and output settings have no meaning for a module built outside the CLI
-NOT_MODULE_ARGS = ("model_name_or_path", "optimizer", "log_samples_every_n_steps")
+NOT_MODULE_ARGS = ("model_name_or_path", "optimizer")
 
 
 class Memory:
@@ -124,7 +124,7 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.train.module import GRPOModule
 
     memory = Memory(torch, args.device)
     if memory.cuda:
@@ -132,7 +132,7 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     L.seed_everything(0, verbose=False)
     module_args = {**settings["module"], "num_generations": args.generations, "max_new_tokens": args.max_new_tokens}
     module = GRPOModule(
-        model_name_or_path=str(model_dir), **module_args, log_samples_every_n_steps=0,
+        model_name_or_path=str(model_dir), **module_args,
         optimizer=optimizer_factory(settings["optimizer"], args.optimizer_overrides),
         generation_kwargs={"min_new_tokens": args.max_new_tokens},  # full length, as the estimate assumes
     )

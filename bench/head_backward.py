@@ -7,7 +7,7 @@ gradient, entropies are computed along, and the upstream gradient differs per po
 
 - ``checkpoint``: what ``token_logprobs`` did before the fused head: each chunk of
   ``_chunk_logprobs`` under ``torch.utils.checkpoint`` (autograd sums one [V, H] gradient per chunk);
-- ``fused``: ``grpo_lightning.head_logprob.head_logprobs`` (one [V, H] buffer, hand-written backward).
+- ``fused``: ``grpo_lightning.fast.head_loss.head_logprobs`` (one [V, H] buffer, hand-written backward).
 
 Each runs in its own child process (peak RSS only grows, see ``bench/logprob_memory.py``): it builds its
 inputs, then runs forward + backward ``--repeats`` times and reports the fastest wall time, the CPU time
@@ -37,7 +37,7 @@ def checkpointed_logprobs(hidden, weight, targets, chunk_rows, temperature=1.0):
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from grpo_lightning.rollout import _chunk_logprobs
+    from grpo_lightning.core.logprobs import _chunk_logprobs
 
     pieces = [
         checkpoint(_chunk_logprobs, hidden[s : s + chunk_rows], weight, None, targets[s : s + chunk_rows],
@@ -50,7 +50,7 @@ def checkpointed_logprobs(hidden, weight, targets, chunk_rows, temperature=1.0):
 def run_variant(variant: str, dims: dict, chunk_rows: int, repeats: int, out_file: str) -> dict:
     import torch
 
-    from grpo_lightning.head_logprob import head_logprobs
+    from grpo_lightning.fast.head_loss import head_logprobs
 
     h, w, t = make_inputs(**dims)
     h.requires_grad_(True)

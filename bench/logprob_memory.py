@@ -1,4 +1,4 @@
-"""Peak memory of the per-token log-prob pass: a full log-softmax against ``grpo_lightning.rollout.token_logprobs``.
+"""Peak memory of the per-token log-prob pass: a full log-softmax against ``grpo_lightning.core.logprobs.token_logprobs``.
 
     python -m bench.logprob_memory            # 16 rows x 512 tokens x hidden 896 x vocab 151,936, fp32
 
@@ -81,7 +81,7 @@ def full_logprobs(hidden, weight, targets):
 
 def project_logprobs():
     """The project's chunked pass: only [chunk_rows, C, V] logits exist at a time."""
-    from grpo_lightning.rollout import token_logprobs
+    from grpo_lightning.core.logprobs import token_logprobs
 
     return token_logprobs
 

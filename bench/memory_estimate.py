@@ -8,7 +8,7 @@ through them): ``GRPOModule`` under ``bf16-mixed`` with fp32 weights, fused Adam
 ``share_prompt`` on, ``rows_per_update`` None (all rows in one forward), the fused head loss. Allocator
 overhead (``max_memory_reserved`` − ``max_memory_allocated``) and the CUDA context are not counted.
 The update's saved activations (:func:`saved_activations`) are checked against the tensors autograd really
-saves, on the CPU with the CPU-only kernels off (``tests/test_bench_memory_estimate.py``).
+saves, on the CPU with the CPU-only kernels off (``bench/tests/test_memory_estimate.py``).
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def format_table(g: Geometry, run: Run) -> str:
 def measure_prompt_lengths() -> dict[str, tuple[int, float]]:
     """{split: (longest, mean)} token counts of the packaged GSM8K sample's prompts, Qwen2 tokenizer."""
     from bench.workload import build_tokenizer
-    from grpo_lightning.answer_format import build_prompt
-    from grpo_lightning.data import load_records
+    from grpo_lightning.builtin.answer_format import build_prompt
+    from grpo_lightning.train.data import load_records
 
     tokenizer, out = build_tokenizer(), {}
     for split in ("train", "test"):

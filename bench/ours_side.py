@@ -52,8 +52,8 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
           adam: str = "default", rollout: str = "generate"):
     import torch
 
-    from grpo_lightning.lora import LoRA
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.hf.lora import LoRA
+    from grpo_lightning.train.module import GRPOModule
 
     N = setting["new_tokens"]
     # Forced full length, and plain temperature sampling like TRL's (top_k 0 switches off the transformers
@@ -81,7 +81,6 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
         logprob_chunk_rows=logprob_chunk_rows,
         generation_kwargs=sampling,
         rollout=engine,
-        log_samples_every_n_steps=0,
         lora=LoRA(**setting["lora"]) if "lora" in setting else None,
         **extra,  # toggles measured one at a time, e.g. rows_per_update=4
     )
@@ -135,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from torch.utils.data import DataLoader
 
+    from grpo_lightning.fast.allocator import set_mmap_threshold
+
     setting = workload.SETTINGS[args.setting]
     model_dir = workload.prepare_model_dir(args.cache_dir)
     L.seed_everything(0, verbose=False)
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[step_clock(steps, lengths)],
     )
     loader = DataLoader(prompt_batches(setting["prompts"], args.steps), batch_size=None)
+    set_mmap_threshold(1 << 20)  # as the command line does for a CPU run (its malloc_mmap_threshold default)
     trainer.fit(module, train_dataloaders=loader)
     emit_result(
         "grpo-lightning", args.setting, setting, steps, lengths, load_s, rss_loaded,

@@ -5,7 +5,7 @@ Both frameworks score with the same function, so rewards cost the same small tim
 
 from __future__ import annotations
 
-from grpo_lightning.rewards import combined_reward
+from grpo_lightning.builtin.gsm8k import combined_reward
 
 
 def trl_reward(prompts, completions, answer, **kwargs) -> list[float]:

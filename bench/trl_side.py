@@ -94,7 +94,7 @@ def trl_peft_config(setting: dict):
     """The LoraConfig grpo-lightning builds for the same setting, or None for full fine-tuning."""
     if "lora" not in setting:
         return None
-    from grpo_lightning.lora import LoRA, peft_config
+    from grpo_lightning.hf.lora import LoRA, peft_config
 
     return peft_config(LoRA(**setting["lora"]))
 

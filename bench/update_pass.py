@@ -31,8 +31,8 @@ def run_variant(setting_name: str, fused: bool, repeats: int) -> dict:
     import torch
 
     from bench.ours_side import build
-    from grpo_lightning.rollout import Rollout
-    from grpo_lightning.step import GRPOBatch
+    from grpo_lightning.core.types import Rollout
+    from grpo_lightning.core.types import GRPOBatch
 
     s = workload.SETTINGS[setting_name]
     module = build(workload.prepare_model_dir(), s, False, 2, {"fused_head_loss": fused})

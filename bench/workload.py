@@ -17,8 +17,8 @@ import argparse
 import inspect
 from pathlib import Path
 
-from grpo_lightning.answer_format import build_prompt
-from grpo_lightning.data import load_records
+from grpo_lightning.builtin.answer_format import build_prompt
+from grpo_lightning.train.data import load_records
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"
@@ -124,7 +124,7 @@ def prepare_model_dir(cache_dir: Path | str = DEFAULT_CACHE, num_layers: int = 4
 def load_prompts(n: int, source: str = DEFAULT_GSM8K, split: str = "train") -> list[dict]:
     """The first ``n`` GSM8K records as ``{"prompt", "answer"}`` dicts (deterministic across runs).
 
-    ``source`` is any data source of :func:`grpo_lightning.data.load_records` (a local copy of GSM8K, say).
+    ``source`` is any data source of :func:`grpo_lightning.train.data.load_records` (a local copy of GSM8K, say).
     """
     records = load_records(source, split)
     if len(records) < n:
@@ -133,7 +133,7 @@ def load_prompts(n: int, source: str = DEFAULT_GSM8K, split: str = "train") -> l
 
 
 # The settings of the benchmark; "mu" is the number of policy updates per rollout batch. "lora" holds
-# grpo_lightning.lora.LoRA options, which both sides turn into the same peft LoraConfig.
+# grpo_lightning.hf.lora.LoRA options, which both sides turn into the same peft LoraConfig.
 SETTINGS = {
     "a": dict(prompts=2, generations=4, new_tokens=64, mu=1, beta=0.04),
     "b": dict(prompts=2, generations=4, new_tokens=64, mu=3, beta=0.04),

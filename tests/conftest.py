@@ -15,8 +15,8 @@ import torch
 # Tiny models on a busy 2-core machine run many times faster on one intra-op thread than on two.
 torch.set_num_threads(1)
 
-from grpo_lightning.answer_format import TAGS
-from grpo_lightning.data import builtin_data_dir
+from grpo_lightning.builtin.answer_format import TAGS
+from grpo_lightning.train.data import builtin_data_dir
 
 GSM8K_DIR = builtin_data_dir("gsm8k-sample")  # 64 train, 32 test problems
 
@@ -73,8 +73,8 @@ def gsm8k_dir(tmp_path_factory) -> Path:
 
 def fixed_update_batch(module, prompts=("Natalia sold clips.", "Weng earns $12."), seed: int = 1) -> tuple:
     """A rollout of ``module``'s policy (3 samples each) with random advantages, reference and old log-probs."""
-    from grpo_lightning.sampling import generate_rollout
-    from grpo_lightning.step import GRPOBatch
+    from grpo_lightning.engines.generate import generate_rollout
+    from grpo_lightning.core.types import GRPOBatch
 
     torch.manual_seed(0)
     rollout = generate_rollout(module.policy, module.tokenizer, list(prompts), 3, 10)

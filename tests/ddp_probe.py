@@ -96,7 +96,7 @@ class FixedRollouts(L.Callback):
         self.path = path
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
-        from grpo_lightning.rollout import Rollout
+        from grpo_lightning.core.types import Rollout
 
         saved = torch.load(self.path, weights_only=False)
         W, r = trainer.world_size, trainer.global_rank
@@ -107,7 +107,7 @@ class FixedRollouts(L.Callback):
 
 
 if __name__ == "__main__":
-    from grpo_lightning.cli import run
+    from grpo_lightning.train.cli import run
 
     for args in json.loads(Path(sys.argv[1]).read_text()):
         run(args)

@@ -5,14 +5,13 @@ import sys
 
 import pytest
 
-from grpo_lightning import allocator
-from grpo_lightning.module import GRPOModule
+from grpo_lightning.fast import allocator
 
 # Run apart: the setting is process-wide and permanent, and an earlier fit in this process has made it already.
 # (A 2 MiB chunk freed into the heap would serve the next 2 MiB request whatever the threshold: one run each.)
 SCRIPT = """
 import sys, torch
-from grpo_lightning import allocator
+from grpo_lightning.fast import allocator
 applied = allocator.set_mmap_threshold(2**20) if sys.argv[1] == "fixed" else None
 torch.ones(20 * 2**20 // 4)  # freed at once: glibc's own threshold follows it up to 20 MiB
 before = allocator.mapped_bytes()
@@ -34,6 +33,6 @@ def test_a_fixed_threshold_maps_buffers_that_the_moving_one_keeps_in_the_heap():
 
 
 @pytest.mark.parametrize("bad", [0, -1, allocator.MAX_THRESHOLD + 1])
-def test_a_threshold_glibc_would_refuse_is_one_clear_error(tiny_model_dir, bad):
-    with pytest.raises(ValueError, match="model.malloc_mmap_threshold"):
-        GRPOModule(str(tiny_model_dir), malloc_mmap_threshold=bad)
+def test_a_threshold_glibc_would_refuse_is_one_clear_error(bad):
+    with pytest.raises(ValueError, match="malloc_mmap_threshold must be in"):
+        allocator.set_mmap_threshold(bad)

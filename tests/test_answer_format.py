@@ -1,8 +1,13 @@
 """The answer format's one home: the seed's system prompt, and completions that read back what was written."""
 
-from grpo_lightning import answer_format, data, rewards, tiny
-from grpo_lightning.answer_format import SYSTEM_PROMPT, TAGS, build_prompt, extract_model_answer, format_completion
-from grpo_lightning.tasks import completion_text
+import ast
+from pathlib import Path
+
+from grpo_lightning.builtin import answer_format, gsm8k as rewards, tiny
+from grpo_lightning.builtin.answer_format import (
+    SYSTEM_PROMPT, TAGS, build_prompt, extract_model_answer, format_completion,
+)
+from grpo_lightning.builtin.arithmetic import completion_text
 
 
 def test_system_prompt_is_the_seeds_byte_for_byte():
@@ -19,8 +24,18 @@ def test_written_completion_reads_back():
     assert completion_text("6 * 7 = 42\n#### 42") == text  # the task's completions use the same writer
 
 
-def test_every_user_shares_the_same_objects():
-    # one definition, imported: a change to the format cannot leave a stale copy behind
-    assert data.SYSTEM_PROMPT is answer_format.SYSTEM_PROMPT and data.build_prompt is build_prompt
-    assert rewards.FORMAT_TAGS is TAGS and tiny.TAGS is TAGS
-    assert rewards.extract_model_answer is extract_model_answer
+def test_no_other_module_writes_the_format_itself():
+    """The tags and the system prompt are spelled out once: every other module imports them (or a copy drifts)."""
+    package = Path(answer_format.__file__).parents[1]
+    spelled = {}
+    for path in package.rglob("*.py"):
+        if path.name == "answer_format.py":
+            continue
+        tree = ast.parse(path.read_text())
+        prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}  # docstrings may name the tags
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+                if any(tag in node.value for tag in TAGS) or "Respond in the following format" in node.value:
+                    spelled.setdefault(str(path.relative_to(package)), []).append(node.lineno)
+    assert spelled == {}
+    assert rewards.FORMAT_TAGS is TAGS and tiny.TAGS is TAGS  # the users read the one definition

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_lightning.atomic import atomic_dir, atomic_file
-from grpo_lightning.checkpoints import (
-    AtomicCheckpointIO, CheckpointError, CheckpointWriteError, check_resume_checkpoint, check_same_model, read_checkpoint,
+from grpo_lightning.hf.lora import LoRA
+from grpo_lightning.train.atomic import atomic_dir, atomic_file
+from grpo_lightning.train.checkpoints import (
+    AtomicCheckpointIO, CheckpointError, CheckpointWriteError, check_resume_checkpoint, check_same_model,
+    read_checkpoint,
 )
-from grpo_lightning.cli import main
-from grpo_lightning.lora import LoRA
+from grpo_lightning.train.cli import main
 from test_train import make_config
 
 QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1"]
@@ -170,7 +171,7 @@ class HalfExport:
 def test_a_failed_export_leaves_the_previous_one(tmp_path):
     from types import SimpleNamespace
 
-    from grpo_lightning.callbacks import HFExport
+    from grpo_lightning.train.callbacks import HFExport
 
     export = HFExport(export_dir=str(tmp_path / "hf_model"), overwrite=True)
     export.path = tmp_path / "hf_model"

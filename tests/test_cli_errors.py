@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_lightning.cli import main
+from grpo_lightning.train.cli import main
 from test_checkpoints import fake_checkpoint
 from test_train import make_config
 
@@ -49,13 +49,15 @@ def inputs(tmp: Path, real_ckpt: Path) -> dict[str, tuple[list[str], str]]:
         "max_new_tokens 0": (["--model.max_new_tokens", "0"], "model.max_new_tokens must be at least 1"),
         "max_steps vs mu": (["--trainer.max_steps", "5"], "trainer.max_steps (5) counts optimizer steps and must be a multiple of model.mu (2)"),
         "reward module": (["--model.reward_funcs", "[no_such_module.reward]"], "cannot import 'no_such_module.reward'"),
-        "reward not callable": (["--model.reward_funcs", "[grpo_lightning.scoring.DEFAULT_REWARD_FUNCS]"], "is not callable"),
+        "reward not callable": (["--model.reward_funcs", "[grpo_lightning.core.scoring.DEFAULT_REWARD_FUNCS]"], "is not callable"),
         "data field": (["--data.question_field", "problem"], "train.jsonl:1: missing text field 'problem'"),
         "export dir": (["--export.export_dir", str(full)], f"export directory {full} is not empty"),
         "truncated ckpt": (["--ckpt_path", str(tmp / "in" / "cut.ckpt")], "cut.ckpt is truncated or corrupt"),
         "not a ckpt": (["--ckpt_path", str(tmp / "in" / "notes.ckpt")], "notes.ckpt is not a checkpoint"),
         "torch_threads 0": (["--torch_threads", "0"], "torch_threads must be at least 1"),
         "skips -1": (["--model.max_consecutive_skips", "-1"], "model.max_consecutive_skips must be 0 (never stop) or more"),
+        "malloc 0": (["--malloc_mmap_threshold", "0"], "malloc_mmap_threshold must be in"),
+        "moved key": (["--model.log_samples_every_n_steps", "3"], "model.log_samples_every_n_steps has moved: set samples.every_n_steps instead"),
     }
 
 
@@ -112,7 +114,7 @@ def test_ckpt_path_last_names_the_bad_file_and_keeps_it(tmp_path, tiny_model_dir
 
 
 def cli_subprocess(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "grpo_lightning.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "grpo_lightning.train.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=300)
 
 
@@ -131,7 +133,7 @@ def test_the_shell_sees_status_2_and_the_traceback_only_when_asked(tmp_path, tin
 def test_stops_on_a_signal_are_not_reported_as_success(monkeypatch, capsys):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    import grpo_lightning.cli as cli
+    import grpo_lightning.train.cli as cli
 
     def stopped_by_lightning(args):  # Lightning's own SIGTERM stop is a SystemExit whose code is None (0)
         raise SIGTERMException()
@@ -143,3 +145,12 @@ def test_stops_on_a_signal_are_not_reported_as_success(monkeypatch, capsys):
     assert cli.resume_command(["fit", "--config", "a b.yaml"], Path("/r/last.ckpt")) == (
         "grpo-lightning fit --config 'a b.yaml' --ckpt_path /r/last.ckpt"
     )
+
+
+def test_a_moved_key_in_a_config_file_names_its_new_key(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "old", malloc_mmap_threshold=4096)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", f"--config={config}", *QUIET])
+    assert stop.value.code == 2
+    assert "model.malloc_mmap_threshold has moved: set malloc_mmap_threshold instead" in capsys.readouterr().err
+    assert not (tmp_path / "old").exists()

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from grpo_lightning.data import SYSTEM_PROMPT, GSM8KDataModule, PromptStream, build_prompt, load_records
+from grpo_lightning.builtin.answer_format import SYSTEM_PROMPT, build_prompt
+
+from grpo_lightning.train.data import GSM8KDataModule, PromptStream, load_records
 
 
 def test_prompt_is_the_seeds():

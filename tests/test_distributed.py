@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from grpo_lightning.cli import run
+from grpo_lightning.train.cli import run
 
 TESTS = Path(__file__).resolve().parent
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
@@ -174,13 +174,13 @@ def fixed_args(tmp: Path, variant: str, rollout: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def fixed(tmp_path_factory) -> Path:
     """16 sampled rows (4 prompts × 4); two processes update on 8 each, once per variant."""
-    from grpo_lightning.data import load_records
-    from grpo_lightning.models import load_model_and_tokenizer
-    from grpo_lightning.sampling import generate_rollout
+    from grpo_lightning.train.data import load_records
+    from grpo_lightning.hf.models import load_model_and_tokenizer
+    from grpo_lightning.engines.generate import generate_rollout
 
     tmp = tmp_path_factory.mktemp("ddp_fixed")
     model, tokenizer = load_model_and_tokenizer("builtin:tiny-arithmetic", "float32")
-    from grpo_lightning.answer_format import build_prompt
+    from grpo_lightning.builtin.answer_format import build_prompt
 
     questions = [r["question"] for r in load_records("task:arithmetic", "train")[:4]]
     torch.manual_seed(0)
@@ -213,7 +213,7 @@ def test_two_processes_update_as_one_over_all_rows(fixed, tmp_path, variant):
 
 
 def test_interleave_undoes_the_round_robin_split():
-    from grpo_lightning.distributed import interleave
+    from grpo_lightning.train.distributed import interleave
 
     assert interleave([[0, 2, 4], [1, 3]]) == [0, 1, 2, 3, 4]  # 5 examples on 2 processes: 3 and 2, no repeat
     assert interleave([["a"]]) == ["a"]
@@ -221,9 +221,9 @@ def test_interleave_undoes_the_round_robin_split():
 
 def test_prepare_batch_counts_and_scales_over_the_gathered_step():
     """Process 0 holds group 0, process 1 group 1; with the gather, each sees the whole step's counts and scale."""
-    from grpo_lightning.rollout import Rollout
-    from grpo_lightning.scoring import Scores
-    from grpo_lightning.step import prepare_batch, step_metrics
+    from grpo_lightning.core.types import Rollout
+    from grpo_lightning.core.scoring import Scores
+    from grpo_lightning.core.step import prepare_batch, step_metrics
 
     def rollout(lengths: list[int]) -> Rollout:
         mask = torch.tensor([[1] * n + [0] * (3 - n) for n in lengths])  # [2, 3]
@@ -251,16 +251,17 @@ def test_prepare_batch_counts_and_scales_over_the_gathered_step():
     assert not torch.equal(torch.cat([a.advantages for a in alone]), whole.advantages)
 
 
-def test_random_states_load_from_one_process_checkpoints_of_either_layout(tiny_model_dir):
+def test_random_states_load_from_one_process_checkpoints_of_either_layout():
     import random
+    from types import SimpleNamespace
 
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.train.callbacks import RandomStates
 
-    module = GRPOModule(str(tiny_model_dir), num_generations=2, beta=0.0)
+    trainer = SimpleNamespace(global_rank=0, world_size=1)
     torch.manual_seed(3)
     state = {"torch": torch.get_rng_state(), "cuda": [], "python": random.getstate()}
     expected = torch.rand(3)
     for saved in (state, [state]):  # before several processes: one dict; now: one state per process
         torch.manual_seed(4)
-        module.on_load_checkpoint({"rng_states": saved})
+        RandomStates().on_load_checkpoint(trainer, None, {"rng_states": saved})
         assert torch.equal(torch.rand(3), expected)

@@ -4,7 +4,7 @@ import torch
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from grpo_lightning.gated_mlp import gated_mlps
+from grpo_lightning.fast.gated_mlp import gated_mlps
 
 
 def _mlp_and_input(seed=0):

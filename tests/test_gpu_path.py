@@ -17,9 +17,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 import torch
 import yaml
 
-from grpo_lightning import distributed, module as module_file
-from grpo_lightning.cli import run
-from grpo_lightning.models import load_model_and_tokenizer
+from grpo_lightning.hf.models import load_model_and_tokenizer
+from grpo_lightning.train import distributed, module as module_file
+from grpo_lightning.train.cli import run
 from test_configs import TINY, args_of, grpo_overrides
 
 GPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen2.5-0.5b-gsm8k.yaml"
@@ -158,14 +158,19 @@ def test_phase_times_wait_for_the_gpu_only_on_a_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("device, expected", [("cpu", [1 << 20]), ("cuda", [])])
-def test_malloc_threshold_applies_on_the_cpu_only(device, expected, tiny_model_dir, monkeypatch):
+def test_malloc_threshold_applies_on_the_cpu_only(device, expected, monkeypatch):
+    from grpo_lightning.train import cli
+
     applied = []
-    monkeypatch.setattr(module_file, "set_mmap_threshold", applied.append)
-    module = module_file.GRPOModule(str(tiny_model_dir), num_generations=2)
-    fake = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0)
-    monkeypatch.setattr(type(module), "trainer", property(lambda self: fake))
-    monkeypatch.setattr(type(module), "global_rank", property(lambda self: 0))
-    module.setup("fit")
+    monkeypatch.setattr(cli, "set_mmap_threshold", applied.append)
+    monkeypatch.setattr(cli, "check_max_steps", lambda *args: None)
+    fake = SimpleNamespace(
+        config_init={"fit": {"malloc_mmap_threshold": 1 << 20, "ckpt_path": None}}, subcommand="fit",
+        trainer=SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), checkpoint_callback=None,
+                                callbacks=[], max_steps=1),
+        model=SimpleNamespace(hparams=SimpleNamespace(mu=1)), datamodule=SimpleNamespace(setup=lambda stage: None),
+    )
+    cli.GRPOCLI.before_fit(fake)
     assert applied == expected
 
 

@@ -10,10 +10,10 @@ import lightning as L
 import pytest
 import torch
 
-from grpo_lightning.cli import run
-from grpo_lightning.guard import NonFiniteStepsError, SkipGuard, any_process, check_step_rewards, grad_norm
-from grpo_lightning.loss import group_advantages
-from grpo_lightning.scoring import RewardFunctionError, float32_finite, score
+from grpo_lightning.core.advantages import group_advantages
+from grpo_lightning.core.scoring import RewardFunctionError, check_step_rewards, float32_finite, score
+from grpo_lightning.train.cli import run
+from grpo_lightning.train.guard import NonFiniteStepsError, SkipGuard, any_process, grad_norm
 from test_train import make_config, scalars
 
 QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1"]
@@ -131,7 +131,7 @@ def test_any_process_makes_one_decision_for_all():
 
 
 def test_the_skip_counts_travel_in_the_checkpoint(tiny_model_dir):
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.train.module import GRPOModule
 
     module = GRPOModule(str(tiny_model_dir), num_generations=2)
     module.guard.load_state_dict({"consecutive": 2, "total": 5})

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo_lightning.importance import ImportanceSampling, importance_weights, ratio_summary, ratio_values
-from grpo_lightning.loss import grpo_loss
+from grpo_lightning.core.importance import ImportanceSampling, importance_weights, ratio_summary, ratio_values
+from grpo_lightning.core.loss import grpo_loss
 
 LN2, LN4 = math.log(2), math.log(4)
 # one completion of 3 tokens, the third padding: the trainer's log-probs minus the sampler's are
@@ -74,11 +74,12 @@ def test_the_step_weights_each_token_by_the_sampler_ratio(fused):
     # advantage 1 each token's surrogate is 1 and the grpo loss is −1. A sampler whose log-probs are the
     # trainer's + ln 2 on every token gives ρ = exp(−ln 2) = 0.5 everywhere (token_truncate, no bounds): −0.5.
     # A sampler equal to the trainer gives ρ = 1: −1 again.
-    from grpo_lightning.module import GRPOModule
-    from grpo_lightning.rollout import sequence_logprobs
-    from grpo_lightning.step import GRPOBatch, rows_loss
+    from grpo_lightning.train.module import GRPOModule
+    from grpo_lightning.hf.passes import sequence_logprobs
+    from grpo_lightning.core.types import GRPOBatch
 
-    module = GRPOModule("builtin:tiny-arithmetic", dtype="float32", num_generations=4, max_new_tokens=8, beta=0)
+    module = GRPOModule("builtin:tiny-arithmetic", dtype="float32", num_generations=4, max_new_tokens=8, beta=0,
+                        fused_head_loss=fused)
     torch.manual_seed(0)
     rollout = module.engine.generate(module.policy, module.tokenizer, ["1+2=", "30+4="], 4, 8)
     with torch.no_grad():
@@ -89,8 +90,7 @@ def test_the_step_weights_each_token_by_the_sampler_ratio(fused):
     def loss(sample_logp, importance):
         rollout.sample_logprobs, rollout.importance_sampling = sample_logp, importance
         data = GRPOBatch(rollout, None, torch.zeros(8), torch.ones(8), mask, 8, int(mask.sum()), torch.tensor(0.0))
-        out = rows_loss(module.policy, data, slice(None), None, fused=fused, chunk_rows=2, group=4, recompute=True,
-                        temperature=1.0, clip_eps=0.2, beta=0.0)
+        out = module.passes("loss", data, slice(None), None, chunk_rows=2, group=4, temperature=1.0, clip_eps=0.2, beta=0.0)
         return out[2].item(), data.importance_ratios
 
     plain, _ = loss(trainer, None)

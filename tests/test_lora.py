@@ -7,17 +7,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_lightning.cli import run
-from grpo_lightning.lora import DEFAULT_TARGET_MODULES, LoRA, add_lora, adapters_off, peft_config
-from grpo_lightning.module import GRPOModule
-from grpo_lightning.rollout import (
-    decoder,
-    is_checkpointing,
-    position_ids,
-    sequence_logprobs,
-    set_checkpointing,
-)
-from grpo_lightning.sampling import generate_rollout, sampling_mode
+from grpo_lightning.engines.generate import generate_rollout, sampling_mode
+from grpo_lightning.hf.lora import DEFAULT_TARGET_MODULES, LoRA, adapters_off, add_lora, peft_config
+from grpo_lightning.hf.models import decoder, is_checkpointing, set_checkpointing
+from grpo_lightning.hf.passes import position_ids, sequence_logprobs
+from grpo_lightning.train.cli import run
+from grpo_lightning.train.module import GRPOModule
 from test_train import make_config
 
 PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from grpo_lightning.loss import approx_kl, group_advantages, grpo_loss, masked_mean
+from grpo_lightning.core.loss import approx_kl, grpo_loss, masked_mean
+
+from grpo_lightning.core.advantages import group_advantages
 
 LN = math.log
 

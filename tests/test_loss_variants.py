@@ -9,13 +9,9 @@ import math
 import pytest
 import torch
 
-from grpo_lightning.loss import (
-    LOSS_AGGREGATIONS,
-    drop_truncated,
-    frac_reward_zero_std,
-    group_advantages,
-    grpo_loss,
-)
+from grpo_lightning.core.loss import LOSS_AGGREGATIONS, grpo_loss
+
+from grpo_lightning.core.advantages import drop_truncated, frac_reward_zero_std, group_advantages
 
 LN = math.log
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from grpo_lightning.gated_mlp import gated_mlps
-from grpo_lightning.head_logprob import _softmax_in_place, head_loss
-from grpo_lightning.kernels import OneDNNLinear, linear
+from grpo_lightning.fast.gated_mlp import gated_mlps
+from grpo_lightning.fast.head_loss import _softmax_in_place, head_loss
+from grpo_lightning.fast.kernels import OneDNNLinear, linear
 
 BF16_TOL, FP16_TOL = 4 * 2**-8, 4 * 2**-11
 
@@ -120,7 +120,7 @@ def test_grad_scaler_plugin_runs_fp16_autocast():
 def _update_gradients(model_dir, fused: bool, dtype: torch.dtype | None, scale: float) -> tuple:
     """The module's update loss on a fixed rollout and its parameter gradients (unscaled), under ``dtype`` autocast."""
     from conftest import fixed_update_batch
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.train.module import GRPOModule
 
     module = GRPOModule(str(model_dir), dtype="float32", num_generations=3, max_new_tokens=10, temperature=0.8,
                         logprob_chunk_rows=2, fused_head_loss=fused, logprob_recompute=False)

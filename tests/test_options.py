@@ -4,8 +4,8 @@ import pytest
 from test_train import make_config, scalars
 from transformers import AutoModelForCausalLM
 
-from grpo_lightning.cli import run
-from grpo_lightning.scoring import RewardFunctionError
+from grpo_lightning.core.scoring import RewardFunctionError
+from grpo_lightning.train.cli import run
 
 QUIET = ["--eval.before", "false", "--eval.after", "false"]
 
@@ -29,7 +29,7 @@ def test_options_train_and_log_their_metrics(tmp_path, tiny_model_dir, gsm8k_dir
         tmp_path, tiny_model_dir, gsm8k_dir, "options", 2,
         "--model.loss_type", "dr_grpo", "--model.epsilon_high", "0.28", "--model.scale_rewards", "batch",
         "--model.mask_truncated_completions", "true",
-        "--model.reward_funcs", '["grpo_lightning.scoring.format", "test_options.short_answers"]',
+        "--model.reward_funcs", '["grpo_lightning.builtin.gsm8k.format", "test_options.short_answers"]',
         "--model.reward_weights", "[1.0, 0.5]",
     )
     assert cli.trainer.global_step == 2
@@ -82,7 +82,7 @@ def test_option_errors(tmp_path, tiny_model_dir, gsm8k_dir):
     with pytest.raises(ValueError, match="model.scale_rewards must be one of"):
         run(["fit", "--config", config, "--model.scale_rewards", "rank"])
     with pytest.raises(ValueError, match="2 values for 1 reward functions"):
-        run(["fit", "--config", config, "--model.reward_funcs", '["grpo_lightning.scoring.format"]',
+        run(["fit", "--config", config, "--model.reward_funcs", '["grpo_lightning.builtin.gsm8k.format"]',
              "--model.reward_weights", "[1, 2]"])
     with pytest.raises(ImportError, match="cannot import 'nowhere.reward'"):
         run(["fit", "--config", config, "--model.reward_funcs", '["nowhere.reward"]'])

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from grpo_lightning.cli import run
-from grpo_lightning.precision import rounding_warning, stalled, stalled_fraction
+from grpo_lightning.train.cli import run
+from grpo_lightning.train.precision import rounding_warning, stalled, stalled_fraction
 from test_train import make_config
 
 # Spacing of the numbers around w: eps · 2^floor(log2 |w|); a step of 5e-6 stalls where it is ≤ half that.

@@ -14,9 +14,9 @@ import lightning as L
 import pytest
 import torch
 
-from grpo_lightning.cli import run
-from grpo_lightning.distributed import restore_rng_states
-from grpo_lightning.preemption import Preempted, Preemption, checkpoint_path
+from grpo_lightning.train.cli import run
+from grpo_lightning.train.distributed import restore_rng_states
+from grpo_lightning.train.preemption import Preempted, Preemption, checkpoint_path
 from test_train import make_config
 
 TESTS = Path(__file__).resolve().parent
@@ -97,7 +97,7 @@ def stopped_subprocess(tmp: Path, config: Path, stage: str) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     ready = tmp / f"{config.stem}.ready"
     args = fit_args(config, tmp / "unused-export", *signal_at(1, stage), f"--trainer.callbacks.ready={ready}")
-    with subprocess.Popen([sys.executable, "-m", "grpo_lightning.cli", *args], cwd=tmp, env=env,
+    with subprocess.Popen([sys.executable, "-m", "grpo_lightning.train.cli", *args], cwd=tmp, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
         while not ready.exists() and process.poll() is None:
             time.sleep(0.05)
@@ -174,7 +174,7 @@ def test_handlers_leave_slurm_requeue_signal_alone():
 
 def test_restore_rng_states_takes_this_process_state_and_warns_on_another_count():
     torch.manual_seed(3)
-    from grpo_lightning.distributed import rng_state
+    from grpo_lightning.engines.base import rng_state
 
     state = rng_state()
     expected = torch.rand(2)
@@ -191,7 +191,7 @@ def test_two_processes_stop_together_when_one_is_signalled(tmp_path):
     args = ["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "0", *QUIET,
             *DDP, *signal_at(1, "sampling"), "--trainer.callbacks.rank=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "grpo_lightning.cli", *args], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "grpo_lightning.train.cli", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-4000:]
     ckpt = torch.load(tmp_path / "ddp" / "ckpt" / "last.ckpt", weights_only=True)

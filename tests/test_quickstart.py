@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from grpo_lightning.cli import run
+from grpo_lightning.train.cli import run
 
 CONFIG = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 STEPS, WINDOW = 30, 10
@@ -24,7 +24,7 @@ def test_short_quickstart_reward_rises(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.enable_progress_bar=false",
             "--data.eval_size=32",
-            "--model.log_samples_every_n_steps=0",
+            "--samples.every_n_steps=0",
         ]
     )
     events = EventAccumulator(str(cli.trainer.log_dir))

@@ -1,4 +1,5 @@
-"""Decoding kernels: oneDNN's linear for the sampler's fp32 CPU layers, the same tokens as plain ``generate``."""
+"""Sampling (engines/generate.py, fast/sampler.py): oneDNN layers swapped in and back, the same tokens as plain
+``generate``, and the inverse-CDF sampler's draws."""
 
 import math
 
@@ -6,34 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, TemperatureLogitsWarper
 
-from grpo_lightning.kernels import OneDNNLinear, linear, onednn_available, times_weight
-from grpo_lightning.sampling import generate_rollout, sampling_mode
+from grpo_lightning.engines.generate import generate_rollout, sampling_mode
+from grpo_lightning.fast.kernels import OneDNNLinear, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="needs torch's oneDNN (mkldnn) CPU kernels")
 PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]
-
-
-@pytest.mark.parametrize("packed_rows", [None, 4])
-@pytest.mark.parametrize("bias", [False, True])
-def test_onednn_linear_equals_nn_linear(packed_rows, bias):
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(48, 300, bias=bias)
-    x = torch.randn(4, 3, 96)[..., ::2]  # [4, 3, 48], not contiguous
-    with torch.no_grad():
-        assert torch.allclose(OneDNNLinear(layer, packed_rows)(x), layer(x), atol=1e-5)
-    assert OneDNNLinear(layer, packed_rows).weight is layer.weight
-    with pytest.raises(RuntimeError, match="no backward"):
-        OneDNNLinear(layer)(x)
-
-
-def test_linear_and_times_weight_equal_torch_and_keep_autograd_where_a_graph_is_needed():
-    torch.manual_seed(0)
-    x, w, b, dz = torch.randn(5, 2, 48), torch.randn(300, 48), torch.randn(300), torch.randn(7, 300)
-    assert torch.allclose(linear(x, w, b), x @ w.T + b, atol=1e-5)
-    assert torch.allclose(times_weight(dz, w), dz @ w, atol=1e-5)  # through Wᵀ's strides
-    w.requires_grad_()
-    linear(x, w, b).sum().backward()  # torch's own product here: the graph is kept
-    assert torch.allclose(w.grad, x.sum((0, 1)).expand(300, 48), atol=1e-5)
 
 
 def test_sampling_mode_swaps_every_linear_and_puts_each_back(tiny_model_dir):
@@ -66,7 +44,7 @@ def test_greedy_samples_equal_plain_generate_token_for_token(tiny_model_dir):
 
 def test_inverse_cdf_sampler_draws_softmax_over_temperature():
     """logits [0, ln 2, ln 4, 0, −inf, ln 3] at T = 1/2: weights [1, 4, 16, 1, 0, 9] / 31, by hand."""
-    from grpo_lightning.sampling import InverseCDFSampler
+    from grpo_lightning.fast.sampler import InverseCDFSampler
 
     n = 62_000
     logits = torch.tensor([0.0, math.log(2), math.log(4), 0.0, float("-inf"), math.log(3)]).expand(n, 6)

@@ -4,12 +4,8 @@ import math
 
 import pytest
 
-from grpo_lightning.scoring import (
-    DEFAULT_REWARD_FUNCS,
-    RewardFunctionError,
-    import_object,
-    load_reward_funcs,
-    score,
+from grpo_lightning.core.scoring import (
+    DEFAULT_REWARD_FUNCS, RewardFunctionError, import_object, load_reward_funcs, score,
 )
 
 FULL = "<reasoning>\n6 * 7 = 42\n</reasoning>\n<answer>\n42\n</answer>"
@@ -55,7 +51,7 @@ def test_defaults_are_the_seeds_rewards_weighted_one_each():
 
 def test_weighted_sum_and_none_means_not_applicable():
     funcs = load_reward_funcs(
-        ["grpo_lightning.scoring.correctness", "test_scoring.only_tagged", "test_scoring:length_penalty"], [2.0, 0.5, 1.0]
+        ["grpo_lightning.builtin.gsm8k.correctness", "test_scoring.only_tagged", "test_scoring:length_penalty"], [2.0, 0.5, 1.0]
     )
     scores = score(funcs, ["p"] * 3, COMPLETIONS, **COLUMNS)
     # lengths 11+1+10+1+12+1+8+1+2+1+9 = 57, 8+2+9 = 19 and 2 → penalties −0.57, −0.19, −0.02; only_tagged: 1, 1, None (adds 0)
@@ -81,18 +77,18 @@ def test_columns_and_completion_ids_arrive_as_keywords():
     ],
 )
 def test_bad_reward_functions_get_one_clear_error(path, message):
-    funcs = load_reward_funcs(["grpo_lightning.scoring.format", path])
+    funcs = load_reward_funcs(["grpo_lightning.builtin.gsm8k.format", path])
     with pytest.raises(RewardFunctionError, match=message):
         score(funcs, ["p"] * 3, COMPLETIONS, **COLUMNS)
 
 
 def test_loading_errors():
     with pytest.raises(ValueError, match="2 values for 1 reward functions"):
-        load_reward_funcs(["grpo_lightning.scoring.format"], [1.0, 2.0])
+        load_reward_funcs(["grpo_lightning.builtin.gsm8k.format"], [1.0, 2.0])
     with pytest.raises(ValueError, match="two reward functions are named 'format'"):
-        load_reward_funcs(["grpo_lightning.scoring.format", "grpo_lightning.scoring:format"])
+        load_reward_funcs(["grpo_lightning.builtin.gsm8k.format", "grpo_lightning.builtin.gsm8k:format"])
     with pytest.raises(ImportError, match="has no attribute 'nope'"):
-        import_object("grpo_lightning.scoring.nope")
+        import_object("grpo_lightning.core.scoring.nope")
     with pytest.raises(ImportError, match="cannot import 'no_such_package.f'"):
         import_object("no_such_package.f")
     with pytest.raises(ValueError, match="not an import path"):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from grpo_lightning.rollout import Rollout
-from grpo_lightning.scoring import load_reward_funcs
-from grpo_lightning.step import prepare_batch, score_rollout, step_metrics
+from grpo_lightning.core.scoring import load_reward_funcs
+from grpo_lightning.core.step import prepare_batch, score_rollout, step_metrics
+from grpo_lightning.core.types import Rollout
 
 
 def seen(prompts, completions, completion_ids, expected, **kwargs):
@@ -32,7 +32,7 @@ def test_score_rollout_passes_columns_per_completion():
 
 
 def test_prepare_batch_and_metrics_hand_worked():
-    scores = score_rollout(load_reward_funcs(["grpo_lightning.scoring.correctness", "grpo_lightning.scoring.format"]),
+    scores = score_rollout(load_reward_funcs(["grpo_lightning.builtin.gsm8k.correctness", "grpo_lightning.builtin.gsm8k.format"]),
                            BATCH, ROLLOUT, num_generations=2)
     # row 0: correct 2.0 + two tags 0.4 = 2.4; row 1: 0. Group mean 1.2, unbiased std sqrt(2 · 1.2²) = 1.2·√2
     # → advantages ±1.2 / (1.2·√2 + 1e-4) = ±0.70707

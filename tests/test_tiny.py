@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_lightning.tiny import TAGS, build, resolve_model_path
+from grpo_lightning.builtin.answer_format import TAGS
+
+from grpo_lightning.builtin.tiny import build, resolve_model_path
 
 COMPLETION = "<reasoning>\n15 - 1 = 14\n</reasoning>\n<answer>\n14\n</answer>"
 

@@ -8,7 +8,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_lightning.cli import run
+from grpo_lightning.train.cli import run
 
 
 def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **model: object) -> Path:
@@ -27,11 +27,11 @@ def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **mo
             "max_new_tokens": 12,
             "mu": 2,
             "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
-            "log_samples_every_n_steps": 1,
             **model,
         },
         "data": {"source": str(data_dir), "batch_size": 2, "eval_size": 4, "eval_batch_size": 4},
         "checkpoint": {"dirpath": str(tmp_path / name / "ckpt"), "every_n_train_steps": 1},
+        "samples": {"every_n_steps": 1},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -58,6 +58,9 @@ def test_fit_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir):
     log_dir = Path(trainer.log_dir)
     logged = scalars(log_dir)
     assert len(logged["reward"]) == 3 and len(logged["kl"]) == 3  # one point per rollout step
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert [len(events.Tensors(t)) for t in events.Tags()["tensors"] if t.startswith("samples")] == [3]  # SampleText
     for tag in ("reward/std", "reward/correctness", "reward/format", "clip_fraction", "loss", "lr",
                 "completion/length_mean", "completion/truncated_fraction", "eval/accuracy_before",
                 "eval/accuracy_after", "eval/improvement"):
@@ -124,7 +127,7 @@ def test_beta_zero_has_no_reference_and_trains(tmp_path, tiny_model_dir, gsm8k_d
 
 
 def test_reference_refresh_every_n_steps(tiny_model_dir):
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.train.module import GRPOModule
 
     module = GRPOModule(str(tiny_model_dir), num_generations=2, ref_update_every=2)
     with torch.no_grad():
@@ -140,7 +143,7 @@ def test_reference_refresh_every_n_steps(tiny_model_dir):
 def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir, gsm8k_dir):
     config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "ckpt", gradient_checkpointing=True, mu=1))
     cli = run(["fit", "--config", config, "--trainer.max_steps", "2", "--eval.before", "false", "--eval.after", "false"])
-    from grpo_lightning.rollout import is_checkpointing
+    from grpo_lightning.hf.models import is_checkpointing
 
     assert cli.trainer.global_step == 2
     assert is_checkpointing(cli.model.policy) and cli.model.policy.training  # restored after each sampling

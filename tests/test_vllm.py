@@ -14,11 +14,11 @@ import torch
 
 pytest.importorskip("vllm")
 
-from grpo_lightning.data import GSM8KDataModule  # noqa: E402
+from grpo_lightning.engines.generate import generate_rollout  # noqa: E402
 from grpo_lightning.engines.vllm import VLLMEngine  # noqa: E402
-from grpo_lightning.module import GRPOModule  # noqa: E402
-from grpo_lightning.rollout import sequence_logprobs  # noqa: E402
-from grpo_lightning.sampling import generate_rollout  # noqa: E402
+from grpo_lightning.hf.passes import sequence_logprobs  # noqa: E402
+from grpo_lightning.train.data import GSM8KDataModule  # noqa: E402
+from grpo_lightning.train.module import GRPOModule  # noqa: E402
 
 TINY = "builtin:tiny-arithmetic"
 GREEDY = {"do_sample": False}
@@ -128,7 +128,7 @@ def test_sampling_at_t2_matches_softmax_over_the_whole_vocabulary(module, prompt
 
 
 def test_lora_adapters_are_merged_for_the_push(prompts):
-    from grpo_lightning.lora import LoRA
+    from grpo_lightning.hf.lora import LoRA
 
     lora = GRPOModule(TINY, dtype="float32", beta=0, lora=LoRA(r=4), rollout=VLLMEngine(dtype="float32"))
     before = hf_greedy(lora, prompts)
@@ -177,11 +177,11 @@ def scalars(log_dir, tag: str) -> list[float]:
 def test_short_quickstart_with_vllm_reward_rises_and_logs_the_push(tmp_path):
     from test_quickstart import STEPS, WINDOW
 
-    from grpo_lightning.cli import run
+    from grpo_lightning.train.cli import run
 
     config = Path(__file__).parents[1] / "configs" / "quickstart-vllm.yaml"
     cli = run(["fit", "--config", str(config), f"--trainer.max_steps={STEPS}", f"--trainer.default_root_dir={tmp_path}",
-               "--trainer.enable_progress_bar=false", "--data.eval_size=32", "--model.log_samples_every_n_steps=0"])
+               "--trainer.enable_progress_bar=false", "--data.eval_size=32", "--samples.every_n_steps=0"])
     reward = scalars(cli.trainer.log_dir, "reward")
     assert len(reward) == STEPS
     first, last = sum(reward[:WINDOW]) / WINDOW, sum(reward[-WINDOW:]) / WINDOW
@@ -196,7 +196,7 @@ def test_short_quickstart_with_vllm_reward_rises_and_logs_the_push(tmp_path):
 def test_a_resumed_run_continues_from_the_checkpoint(tmp_path):
     from test_distributed import config
 
-    from grpo_lightning.cli import run
+    from grpo_lightning.train.cli import run
 
     full, part = config(tmp_path, "full", rollout=VLLM), config(tmp_path, "part", rollout=VLLM)
     whole = run(["fit", "--config", str(full), *NO_EVAL])

@@ -1,7 +1,7 @@
-"""Rollout engines: what samples prompts × G completions into a :class:`~grpo_lightning.rollout.Rollout`.
+"""Rollout engines: what samples prompts × G completions into a :class:`~grpo_lightning.core.types.Rollout`.
 
 Every engine implements :class:`RolloutEngine` (generate, take the policy's weights, free memory) and ends with
-the one shared tail :func:`~grpo_lightning.rollout.build_rollout`. The engine is chosen in the config as
+the one shared tail :func:`~grpo_lightning.engines.base.build_rollout`. The engine is chosen in the config as
 ``model.rollout`` (a class path with ``init_args``); the default is :class:`GenerateEngine`.
 :class:`~grpo_lightning.engines.vllm.VLLMEngine` is imported only when asked for, so that importing the package
 never loads vLLM.

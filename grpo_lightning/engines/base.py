@@ -1,4 +1,5 @@
-"""The rollout-engine seam: generate prompts × G → :class:`Rollout`, take the policy's weights, free memory.
+"""The rollout-engine seam: generate prompts × G → :class:`Rollout`, take the policy's weights, free memory;
+the tail every engine shares (:func:`build_rollout`), and the random states an engine that reseeds keeps.
 
 The training step (``GRPOModule._rollout``) and evaluation (``EvaluationMixin.evaluate_batch``) sample only
 through this interface. An engine that samples from the policy object itself (:class:`GenerateEngine`) needs
@@ -8,12 +9,18 @@ stale (:meth:`RolloutEngine.update_weights`) and refreshes it before it samples 
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from grpo_lightning.rollout import Rollout
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from grpo_lightning.core.logprobs import completion_mask
+from grpo_lightning.core.types import Rollout
 
 
 @dataclass
@@ -32,7 +39,7 @@ class RolloutEngine(ABC):
     """Samples rollouts for the training step and for evaluation.
 
     An engine whose log-probs are not the trainer's sets ``Rollout.importance_sampling`` on its rollouts: the
-    correction the loss applies for the gap (:class:`~grpo_lightning.importance.ImportanceSampling`).
+    correction the loss applies for the gap (:class:`~grpo_lightning.core.importance.ImportanceSampling`).
     """
 
     timings: dict[str, float] = {}  # seconds of the engine's own stages in its last call, logged as time/<name>
@@ -76,3 +83,60 @@ class RolloutEngine(ABC):
 
     def free(self) -> None:
         """Between rollouts: give back what the engine holds that the update could use."""
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random-number state (torch, its own CUDA device's, Python): what sampling draws from.
+
+    Only the current device's CUDA state: a process samples on its one device, and a resume may see fewer GPUs.
+    """
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+    }
+
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a state saved by :func:`rng_state` (or by the older layout, a list of every visible device's)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # every visible device's: this process's own is its current device's
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None
+    if cuda is not None and len(cuda) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+    random.setstate(state["python"])
+
+
+def build_rollout(
+    prompt_ids: Tensor, prompt_mask: Tensor, completions: Sequence[Tensor], eos_ids: Sequence[int], pad_id: int,
+    tokenizer: Any, sample_logprobs: Sequence[Tensor] | None = None,
+) -> Rollout:
+    """The :class:`Rollout` of sampled completions: the tail every rollout engine shares.
+
+    prompt_ids, prompt_mask: [N, P], left-padded, the G rows of a prompt adjacent. ``completions`` are row
+    blocks [n_i, C_i] (or single rows [C_i]) in row order, covering the N rows, each right-padded with
+    ``pad_id`` to the longest. A completion ends at its first EOS of any id in ``eos_ids`` (kept), never where
+    padding seems to start: the pad token may be an EOS. ``sample_logprobs`` match ``completions`` piece by
+    piece and are padded with 0.
+    """
+    pieces = [c if c.dim() == 2 else c.unsqueeze(0) for c in completions]
+    C = max(p.shape[1] for p in pieces)
+    completion_ids = torch.cat([F.pad(p, (0, C - p.shape[1]), value=pad_id) for p in pieces])  # [N, C]
+    logprobs = None
+    if sample_logprobs is not None:
+        rows = [p if p.dim() == 2 else p.unsqueeze(0) for p in sample_logprobs]
+        logprobs = torch.cat([F.pad(p.float(), (0, C - p.shape[1])) for p in rows])  # [N, C]
+    mask = completion_mask(completion_ids, eos_ids)
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))
+    texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, completion_ids.to(prompt_ids.device)], dim=1),
+        attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
+        completion_mask=mask,
+        prompt_length=prompt_ids.shape[1],
+        completions=texts,
+        truncated=~is_eos.any(dim=1),
+        sample_logprobs=logprobs,
+    )

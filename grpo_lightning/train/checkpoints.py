@@ -1,0 +1,171 @@
+"""Checkpoints read safely and written atomically.
+
+Reading: every checkpoint is loaded with ``torch.load(weights_only=True)`` and an allow-list of the only
+non-tensor objects a grpo-lightning checkpoint holds, so a file from elsewhere can never run code while it is
+unpickled (Lightning itself loads with ``weights_only=False`` by default). A truncated file, a file that is
+not a checkpoint, and a checkpoint of another model each get one :class:`CheckpointError` that names the file.
+
+Writing: :class:`AtomicCheckpointIO` is Lightning's ``TorchCheckpointIO`` with a temporary file and a rename
+(:func:`~grpo_lightning.train.atomic.atomic_file`): a crash or a full disk leaves the previous checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from grpo_lightning.hf.lora import LoRA
+from grpo_lightning.train.atomic import atomic_file
+
+# What the project's checkpoints hold besides tensors, numbers, strings and containers: the LoRA options
+# among the hyperparameters.
+SAFE_GLOBALS = [LoRA, (LoRA, "grpo_lightning.lora.LoRA")]  # (the class, as checkpoints before the subpackages name it)
+# The entries Lightning writes in every training checkpoint.
+REQUIRED_KEYS = ("state_dict", "global_step", "loops", "pytorch-lightning_version")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is not a grpo-lightning checkpoint, or belongs to another model."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, say); the previous file at that path is intact."""
+
+
+def _unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint before unpickling anything, or ``None`` if it may be one."""
+    if not path.is_file():
+        return "does not exist" if not path.exists() else "is not a file"
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        return "is empty"
+    if head != ZIP_MAGIC:
+        return "is not a checkpoint (not a file that torch.save writes)"
+    if not zipfile.is_zipfile(path):
+        return "is truncated or corrupt (its zip archive has no end); it was probably cut off while being written"
+    return None
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded with ``weights_only=True``; :class:`CheckpointError` if it is not one.
+
+    ``mmap`` maps the tensors instead of reading them: enough to check names and shapes without a second
+    copy of a large checkpoint in memory.
+    """
+    path = Path(path)
+    reason = _unreadable_reason(path)
+    if reason is None:
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            # torch's own message advises weights_only=False, which would run whatever the file holds
+            found = str(e).split("Unsupported global:")[-1].split(".")[0].strip() if "Unsupported global" in str(e) else ""
+            reason = (
+                "holds objects that grpo-lightning checkpoints never hold" + (f" ({found})" if found else "")
+                + "; it was not loaded, since unpickling them could run arbitrary code"
+            )
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+            reason = f"is truncated or corrupt ({str(e).splitlines()[0]})"
+    if reason is None and not (isinstance(checkpoint, dict) and all(k in checkpoint for k in REQUIRED_KEYS)):
+        reason = "is a torch file but not a training checkpoint (no state_dict, global_step and loops)"
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path} {reason}")
+    return checkpoint
+
+
+def check_same_model(checkpoint: dict[str, Any], state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint's weights have this model's names and shapes."""
+    saved = checkpoint["state_dict"]
+    missing = [k for k in state_dict if k not in saved]
+    extra = [k for k in saved if k not in state_dict]
+    problem = None
+    if missing or extra:
+        problem = f"{len(missing)} of this model's weights are missing from it, {len(extra)} of its are not in this model"
+        problem += f" (e.g. {(missing or extra)[0]})"
+    else:
+        for name, tensor in state_dict.items():
+            if tuple(saved[name].shape) != tuple(tensor.shape):
+                problem = f"{name} has shape {list(saved[name].shape)} there, {list(tensor.shape)} here"
+                break
+    if problem:
+        source = checkpoint.get("hyper_parameters", {}).get("model_name_or_path")
+        origin = f" (saved from model {source})" if source else ""
+        raise CheckpointError(f"checkpoint {path} belongs to another model{origin}: {problem}")
+
+
+def last_checkpoint(dirpath: str | Path) -> Path | None:
+    """The newest ``last*.ckpt`` in ``dirpath``: the file Lightning's ``ckpt_path="last"`` picks."""
+    candidates = [p for p in Path(dirpath).glob("last*.ckpt") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def readable_alternatives(dirpath: str | Path, bad: Path) -> list[tuple[Path, int]]:
+    """Every other checkpoint in ``dirpath`` that reads, newest first, with its ``global_step``."""
+    found = []
+    for p in sorted(Path(dirpath).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if p.resolve() == bad.resolve():
+            continue
+        try:
+            found.append((p, int(read_checkpoint(p, mmap=True)["global_step"])))
+        except CheckpointError:
+            continue
+    return found
+
+
+def check_resume_checkpoint(ckpt_path: str, dirpath: str | None, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse, with one message, a ``--ckpt_path`` (a file or ``last``) that is unreadable or of another model.
+
+    For ``last`` with a bad ``last.ckpt`` the message names the readable checkpoints beside it, if any.
+    ``best`` and ``hpc`` are left to Lightning, which finds them through its own callbacks.
+    """
+    if ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
+        return
+    if ckpt_path == "last":
+        path = last_checkpoint(dirpath) if dirpath else None
+        if path is None:
+            return  # Lightning warns and starts from scratch, as it always has
+    else:
+        path = Path(ckpt_path)
+    try:
+        check_same_model(read_checkpoint(path, mmap=True), state_dict, path)
+    except CheckpointError as e:
+        if ckpt_path != "last":
+            raise
+        others = readable_alternatives(path.parent, path)
+        listed = "; ".join(f"{p} (step {step})" for p, step in others)
+        hint = f"readable older checkpoints: {listed} (pass one as --ckpt_path)" if others else "no other readable checkpoint is there"
+        raise CheckpointError(f"{e}; {hint}") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint I/O, writing through a temporary file and reading with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        try:
+            with atomic_file(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except OSError as e:
+            raise CheckpointWriteError(
+                e.errno, f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint at that "
+                "path, if any, is intact: free space and resume from it"
+            ) from e
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+def use_atomic_checkpoints(trainer: Any) -> None:
+    """Give the trainer's strategy :class:`AtomicCheckpointIO` unless it was configured with its own I/O."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

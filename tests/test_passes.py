@@ -1,0 +1,111 @@
+"""Every pass over the policy runs inside the root module's forward (:class:`~grpo_lightning.hf.passes.PolicyPasses`).
+
+A sharding wrapper gathers weights in the root's forward hooks, so a weight read outside them would be a
+shard. A torch-function mode records each torch call that takes one of the policy's (or the reference's)
+parameters while no root forward is running, through a real training step: sampling with the shared-prompt
+prefill, the reference pass, μ = 2 updates (the old policy's log-probs from the first) and their backward
+passes. The optimizer's step, gradient clipping and zeroing read the weights by design, outside any pass.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from grpo_lightning.hf.passes import PolicyPasses
+from grpo_lightning.train.cli import run
+from test_train import make_config
+
+QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1", "--trainer.max_steps", "2"]
+
+
+class OutsideReads(TorchFunctionMode):
+    """Torch calls that take a watched parameter while no root forward runs and nothing excuses them."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        super().__init__()
+        self.ids = {id(p) for p in params}
+        self.inside = self.excused = 0
+        self.found: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        metadata = getattr(func, "__name__", "") == "__get__"  # .shape, .device, .dtype: no weight is read
+        if not (self.inside or self.excused or metadata):
+            if any(id(a) in self.ids for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)):
+                where = [f for f in traceback.extract_stack() if "grpo_lightning" in f.filename]
+                self.found.append(f"{getattr(func, '__qualname__', func)} at {where[-1].filename}:{where[-1].lineno}" if where else str(func))
+        return func(*args, **kwargs)
+
+
+class RecordReads(L.Callback):
+    """Watches the policy's and the reference's parameters during every ``training_step``."""
+
+    def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        params = list(module.policy.parameters()) + list(module.reference.parameters() if module.reference else [])
+        self.mode = mode = OutsideReads(params)
+        self.steps = 0
+
+        def enter(root: torch.nn.Module, *args: Any) -> None:
+            if isinstance(root, PolicyPasses):
+                mode.inside += 1
+
+        def leave(root: torch.nn.Module, *args: Any) -> None:
+            if isinstance(root, PolicyPasses):
+                mode.inside -= 1
+
+        self.hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+                      torch.nn.modules.module.register_module_forward_hook(leave)]
+        step = module.training_step
+
+        def watched_step(*args: Any) -> Any:
+            self.steps += 1
+            with mode:
+                return step(*args)
+
+        module.training_step = watched_step
+        module._clip_gradients = self.excusing(module._clip_gradients)  # rescales gradients: the optimizer's side
+        module.guard.allow_step = self.excusing(module.guard.allow_step)
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        for optimizer in (module.optimizers(), module.optimizers().optimizer):  # Lightning's wrapper and the optimizer
+            optimizer.step, optimizer.zero_grad = self.excusing(optimizer.step), self.excusing(optimizer.zero_grad)
+
+    def excusing(self, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.mode.excused += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.mode.excused -= 1
+
+        return call
+
+    def teardown(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_parameter_is_read_outside_a_root_forward(tmp_path, tiny_model_dir, gsm8k_dir, fused):
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "passes", mu=2, beta=0.04, fused_head_loss=fused)
+    cli = run(["fit", "--config", str(config), *QUIET, "--trainer.callbacks+=test_passes.RecordReads"])
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, RecordReads))
+    assert recorder.steps == 1 and cli.trainer.global_step == 2  # one rollout step, μ = 2 updates ran
+    assert sorted(set(recorder.mode.found)) == []
+
+
+def test_the_mode_sees_a_read_outside_the_root():
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    root = PolicyPasses(torch.nn.Linear(2, 2))
+    mode = OutsideReads([weight, root.model.weight])
+    with mode:
+        torch.matmul(torch.ones(1, 2), weight)
+        _ = weight.shape  # metadata only
+    assert len(mode.found) == 1 and "matmul" in mode.found[0]
