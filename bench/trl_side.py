@@ -32,9 +32,9 @@ from bench.timing import PHASES, PhaseTimer, diff, emit_result, peak_rss_mib
 
 
 def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, gradient_checkpointing: bool,
-                  device: str = "cpu", bf16: bool = False):
+                  device: str = "cpu", bf16: bool = False, use_vllm: bool = False):
     """TRL's trainer on the workload; ``device`` "cuda" with ``bf16`` is the seed config's GPU run (fp32 weights,
-    bf16 autocast, fused AdamW at weight decay 0)."""
+    bf16 autocast, fused AdamW at weight decay 0); ``use_vllm`` samples with TRL's colocated vLLM engine."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -58,7 +58,7 @@ def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, grad
         num_iterations=mu,
         max_completion_length=N,
         # Forced full length: EOS is masked until N tokens exist, so both sides sample N tokens per row.
-        generation_kwargs={"min_new_tokens": N},
+        generation_kwargs={"min_tokens": N} if use_vllm else {"min_new_tokens": N},  # vLLM's SamplingParams name
         temperature=workload.TEMPERATURE,
         beta=setting["beta"],
         epsilon=workload.CLIP_EPS,
@@ -76,6 +76,8 @@ def build_trainer(model_dir: Path, setting: dict, steps: int, out_dir: str, grad
         report_to="none",
         logging_steps=10**6,
         seed=0,
+        # TRL's colocated vLLM (its defaults otherwise), beside grpo-lightning's --rollout vllm
+        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if use_vllm else {}),
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return GRPOTrainer(
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         default="on",
         help="TRL's GRPOConfig turns it on by default; 'off' measures TRL without it",
     )
+    parser.add_argument("--use-vllm", action="store_true", help="sample with TRL's colocated vLLM (vllm_mode colocate)")
     parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
     args = parser.parse_args(argv)
 
@@ -179,14 +182,15 @@ def main(argv: list[str] | None = None) -> None:
     timer, opt_steps, lengths = PhaseTimer(), [], []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = build_trainer(model_dir, setting, args.steps, out_dir, args.gradient_checkpointing == "on")
+        trainer = build_trainer(model_dir, setting, args.steps, out_dir, args.gradient_checkpointing == "on",
+                                use_vllm=args.use_vllm)
         load_s, rss_loaded = time.perf_counter() - t0, peak_rss_mib()
         instrument(trainer, timer, opt_steps, lengths)
         trainer.train()
     steps = group_by_mu(opt_steps, setting["mu"])
     emit_result(
         "trl", args.setting, setting, steps, lengths, load_s, rss_loaded,
-        gradient_checkpointing=args.gradient_checkpointing == "on",
+        gradient_checkpointing=args.gradient_checkpointing == "on", use_vllm=args.use_vllm,
     )
 
 if __name__ == "__main__":

@@ -13,16 +13,16 @@ import torch
 
 from grpo_lightning.distributed import gather_objects, interleave
 from grpo_lightning.rewards import extract_model_answer, is_correct
-from grpo_lightning.sampling import generate_rollout
 
 
 class EvaluationMixin:
-    """Evaluation for a LightningModule with ``policy``, ``tokenizer`` and the generation hyperparameters."""
+    """Evaluation for a LightningModule with ``policy``, ``tokenizer``, a rollout ``engine`` and the generation
+    hyperparameters."""
 
     def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
         """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
         hp = self.hparams
-        rollout = generate_rollout(
+        rollout = self.engine.generate(
             self.policy, self.tokenizer, batch["prompt"], 1, hp.eval_max_new_tokens or hp.max_new_tokens,
             generation_kwargs={"do_sample": False, **(hp.eval_generation_kwargs or {})},
             use_model_generation_config=hp.use_model_generation_config,

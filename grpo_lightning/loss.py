@@ -140,6 +140,7 @@ def grpo_loss(
     max_new_tokens: int | None = None,
     num_sequences: int | None = None,
     num_tokens: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO loss of a chunk of rows and its detached statistics.
 
@@ -156,6 +157,9 @@ def grpo_loss(
     ``clip_fraction`` and its parts ``clip_fraction/low`` and ``clip_fraction/high``, the shares of tokens
     where clipping binds (as TRL counts them: the ratio is below 1 − ε with a negative advantage, or above
     1 + ε_high with a positive one; there the token contributes no gradient).
+
+    ``token_weights`` ([n, C] or [n, 1], no gradient) multiply each token's surrogate, not its KL term, as TRL
+    applies its importance-sampling correction (:mod:`~grpo_lightning.importance`).
     """
     if loss_type not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_type must be one of {sorted(LOSS_AGGREGATIONS)}, got {loss_type!r}")
@@ -169,6 +173,8 @@ def grpo_loss(
     adv = advantages.unsqueeze(1)  # [n, 1]
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + epsilon_high)
     objective = torch.min(ratio * adv, clipped * adv)  # [n, C]
+    if token_weights is not None:
+        objective = objective * token_weights
     if beta != 0:
         if ref_logp is None:
             raise ValueError("ref_logp is required when beta != 0")

@@ -23,6 +23,7 @@ from grpo_lightning.distributed import (
     gather_objects, gather_rows, gradient_scale, no_backward_sync, restore_rng_states, rng_state, seed_this_process,
     sum_over_processes, synchronize,
 )
+from grpo_lightning.engines import GenerateEngine, RolloutEngine
 from grpo_lightning.evaluation import EvaluationMixin, samples_text
 from grpo_lightning.guard import SkipGuard
 from grpo_lightning.lora import LoRA
@@ -33,7 +34,6 @@ from grpo_lightning.precision import clip_grad_norm, grad_scaler, loss_scale, ro
 from grpo_lightning.preemption import at_stage_end
 from grpo_lightning.reference import build_reference, reference_logprobs, refresh_reference
 from grpo_lightning.rollout import Rollout, sequence_logprobs
-from grpo_lightning.sampling import generate_rollout
 from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_funcs
 from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
 
@@ -90,6 +90,8 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
+        rollout: The rollout engine (a class path with ``init_args``); ``None`` for ``generate`` on the policy
+            (:mod:`grpo_lightning.engines`; vLLM: ``grpo_lightning.engines.vllm.VLLMEngine``, docs/vllm.md).
         malloc_mmap_threshold: Training on the CPU, glibc returns freed buffers of this many bytes or more to
             the OS (lower peak memory; the whole process, glibc only; :mod:`~grpo_lightning.allocator`).
             ``None``, or a GPU run (host buffers are not its step's memory), leaves malloc as it is.
@@ -131,6 +133,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         eval_generation_kwargs: dict[str, Any] | None = None,
         log_samples_every_n_steps: int = 10,
         lora: LoRA | None = None,
+        rollout: RolloutEngine | None = None,
         malloc_mmap_threshold: int | None = 1 << 20,
     ):
         super().__init__()
@@ -139,7 +142,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         check_memory_and_reference(malloc_mmap_threshold, lora, ref_update_every, beta)
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rollout"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = build_policy(model_name_or_path, dtype, lora, gradient_checkpointing, input_require_grads)
@@ -147,6 +150,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         self.timings: dict[str, float] = {}
         self._loss_scale, self._grad_norm = 1.0, torch.zeros(())
         self.guard = SkipGuard(max_consecutive_skips)
+        self.engine = rollout if rollout is not None else GenerateEngine()
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -167,8 +171,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
     def on_fit_start(self) -> None:
         check_max_steps(self.trainer.max_steps, self.hparams.mu)  # the command line checks it before fit too
         # After the precision plugin has cast the weights (bf16-true does) and the optimizer exists.
-        message = rounding_warning(self.optimizers().param_groups)
-        if message:
+        if message := rounding_warning(self.optimizers().param_groups):
             rank_zero_warn(message)
 
     def setup(self, stage: str) -> None:
@@ -182,21 +185,17 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         return self._trainer.strategy if self._trainer is not None else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Sampling draws from the global generators: keep their state so a resumed run samples what the
-        # uninterrupted run would have. Every process samples its own prompts with its own state, so the
-        # checkpoint holds one state per process (every process runs this hook; the saving one writes the file).
+        # Sampling draws from the global generators: one state per process (all run this hook, one writes the file)
         checkpoint["rng_states"] = gather_objects(self._strategy, rng_state())
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
         if "skip_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["skip_guard"])
         rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        message = restore_rng_states(checkpoint.get("rng_states"), rank, world)
-        if message:
+        if message := restore_rng_states(checkpoint.get("rng_states"), rank, world):
             rank_zero_warn(message)
-
-    # --- one GRPO step -------------------------------------------------------------------------------
 
     def _logprobs(self, model: Any, rollout: Rollout, rows: slice = slice(None), with_entropy: bool = False) -> Any:
         hp = self.hparams
@@ -223,6 +222,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         scores = score_rollout(self.reward_funcs, batch, rollout, self.hparams.num_generations)
         data = self._timed("reference", self._advantages, rollout, scores)
         stats = self._timed("update", self._update, data)
+        self.engine.update_weights(self.policy)  # the next rollout samples from the updated weights
         self._log_step(data, stats)
         self._log_samples(step, batch, rollout, scores.total)
 
@@ -237,11 +237,14 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
 
     def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
         hp = self.hparams
-        return generate_rollout(
-            self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens,
-            hp.temperature, hp.rows_per_generate, hp.generation_kwargs, share_prompt=hp.share_prompt,
+        rollout = self.engine.generate(
+            self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens, temperature=hp.temperature,
+            rows_per_call=hp.rows_per_generate, generation_kwargs=hp.generation_kwargs, share_prompt=hp.share_prompt,
             use_model_generation_config=hp.use_model_generation_config,
         )
+        self.engine.free()  # between rollouts the engine's memory is the update's
+        self.timings.update(self.engine.timings)  # the engine's own stages, e.g. weight_sync
+        return rollout
 
     def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
         """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
@@ -253,6 +256,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             gather=functools.partial(gather_rows, self._strategy),
         )
         data.ref_logp = self._reference_logprobs(rollout)
+        data.importance = self.engine.importance_sampling  # None: the engine samples with the trainer's numerics
         return data
 
     def _update(self, data: GRPOBatch) -> dict:
@@ -267,11 +271,9 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         parts sum over processes too. DDP and FSDP average gradients over processes, hence the loss is scaled
         by their number, and every chunk but the last skips the gradient all-reduce (one per optimizer step).
         """
-        hp = self.hparams
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        hp, optimizer, scheduler = self.hparams, self.optimizers(), self.lr_schedulers()
         mask = data.loss_mask
-        n = mask.shape[0]  # this process's rows
-        per = hp.rows_per_update or n
+        n, per = mask.shape[0], hp.rows_per_update or mask.shape[0]  # this process's rows, rows per chunk
         scale, self._loss_scale = gradient_scale(self._strategy), loss_scale(grad_scaler(self._trainer))
         old_logp = torch.zeros(mask.shape, device=self.device) if hp.mu > 1 else None  # [n, C]
         totals: dict[str, torch.Tensor] = {}

@@ -57,6 +57,39 @@ def completion_mask(completion_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
     return (torch.arange(C, device=completion_ids.device).expand(N, C) <= first_eos.unsqueeze(1)).int()
 
 
+def build_rollout(
+    prompt_ids: Tensor, prompt_mask: Tensor, completions: Sequence[Tensor], eos_ids: Sequence[int], pad_id: int,
+    tokenizer: Any, sample_logprobs: Sequence[Tensor] | None = None,
+) -> Rollout:
+    """The :class:`Rollout` of sampled completions: the tail every rollout engine shares.
+
+    prompt_ids, prompt_mask: [N, P], left-padded, the G rows of a prompt adjacent. ``completions`` are row
+    blocks [n_i, C_i] (or single rows [C_i]) in row order, covering the N rows, each right-padded with
+    ``pad_id`` to the longest. A completion ends at its first EOS of any id in ``eos_ids`` (kept), never where
+    padding seems to start: the pad token may be an EOS. ``sample_logprobs`` match ``completions`` piece by
+    piece and are padded with 0.
+    """
+    pieces = [c if c.dim() == 2 else c.unsqueeze(0) for c in completions]
+    C = max(p.shape[1] for p in pieces)
+    completion_ids = torch.cat([F.pad(p, (0, C - p.shape[1]), value=pad_id) for p in pieces])  # [N, C]
+    logprobs = None
+    if sample_logprobs is not None:
+        rows = [p if p.dim() == 2 else p.unsqueeze(0) for p in sample_logprobs]
+        logprobs = torch.cat([F.pad(p.float(), (0, C - p.shape[1])) for p in rows])  # [N, C]
+    mask = completion_mask(completion_ids, eos_ids)
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))
+    texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, completion_ids.to(prompt_ids.device)], dim=1),
+        attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
+        completion_mask=mask,
+        prompt_length=prompt_ids.shape[1],
+        completions=texts,
+        truncated=~is_eos.any(dim=1),
+        sample_logprobs=logprobs,
+    )
+
+
 def _chunk_logprobs(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float, with_entropy: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:

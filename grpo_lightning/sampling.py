@@ -14,13 +14,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from grpo_lightning.kernels import onednn_linears
 from grpo_lightning.rollout import (
-    Rollout, cache_argument, can_share_prompt, causal_lm, completion_mask, eos_token_ids, is_checkpointing,
+    Rollout, build_rollout, cache_argument, can_share_prompt, causal_lm, eos_token_ids, is_checkpointing,
     set_checkpointing, shared_prompt_cache,
 )
 
@@ -185,20 +184,6 @@ def generate_rollout(
             elif record_logprobs:
                 scores = torch.stack(out.scores, dim=1).float()  # [rows, C_call, V], after temperature and filters
                 logprob_pieces.append(torch.log_softmax(scores, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1))
-    C = max(p.shape[1] for p in pieces)
-    completion_ids = torch.cat([F.pad(p, (0, C - p.shape[1]), value=pad_id) for p in pieces])  # [N, C]
-    sample_logprobs = torch.cat([F.pad(p, (0, C - p.shape[1])) for p in logprob_pieces]) if record_logprobs else None
-    mask = completion_mask(completion_ids, eos_ids)
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
-    texts = tokenizer.batch_decode(
-        [ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True
-    )
-    return Rollout(
-        input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-        attention_mask=torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1),
-        completion_mask=mask,
-        prompt_length=P,
-        completions=texts,
-        truncated=~is_eos.any(dim=1),
-        sample_logprobs=sample_logprobs,
+    return build_rollout(
+        prompt_ids, prompt_mask, pieces, eos_ids, pad_id, tokenizer, logprob_pieces if record_logprobs else None
     )

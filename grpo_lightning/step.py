@@ -23,6 +23,7 @@ from torch import Tensor
 from grpo_lightning.gated_mlp import gated_mlps
 from grpo_lightning.guard import check_step_rewards
 from grpo_lightning.head_logprob import TiedWeightGrad, head_loss, tied_embedding
+from grpo_lightning.importance import ImportanceSampling, importance_weights, ratio_summary, ratio_values
 from grpo_lightning.loss import drop_truncated, frac_reward_zero_std, group_advantages, grpo_loss
 from grpo_lightning.rollout import Rollout, causal_lm, completion_hidden, is_checkpointing, sequence_logprobs
 from grpo_lightning.scoring import RewardFunc, Scores, applied_mean, score
@@ -44,6 +45,9 @@ class GRPOBatch:
     # the step's per-row values over every process ([W*N] each; this process's N rows with one process):
     # "reward", "length", "truncated", "tokens", and "reward/<function>" (NaN where it did not apply)
     step_rows: dict[str, Tensor] = field(default_factory=dict)
+    # the correction for a sampler whose log-probs are not the trainer's (None: none), and the ratios it used
+    importance: ImportanceSampling | None = None
+    importance_ratios: list[Tensor] = field(default_factory=list)
 
 
 # this process's per-row columns → the whole step's, every process's rows concatenated
@@ -130,6 +134,8 @@ def step_metrics(data: GRPOBatch) -> dict[str, Tensor]:
         "completion/length_mean": lengths.mean(),
         "completion/length_max": lengths.max(),
         "completion/truncated_fraction": rows["truncated"].mean(),
+        # this process's sampled tokens (or completions, in sequence modes), as TRL logs them
+        **ratio_summary(torch.cat(data.importance_ratios) if data.importance_ratios else torch.zeros(0)),
     }
 
 
@@ -150,10 +156,11 @@ def rows_loss(
 
     def loss_of(logp: Tensor, lo: int, hi: int) -> tuple[Tensor, dict[str, Tensor]]:  # rows [lo, hi) of ``rows``
         part = slice((rows.start or 0) + lo, (rows.start or 0) + hi)
+        old = None if old_logp is None else old_logp[part]
         return grpo_loss(
-            logp, None if old_logp is None else old_logp[part], None if data.ref_logp is None else data.ref_logp[part],
+            logp, old, None if data.ref_logp is None else data.ref_logp[part],
             data.advantages[part], data.loss_mask[part], num_sequences=data.num_sequences,
-            num_tokens=data.num_tokens, **loss_kwargs,
+            num_tokens=data.num_tokens, token_weights=_importance(data, part, logp if old is None else old), **loss_kwargs,
         )
 
     if not fused:
@@ -167,6 +174,20 @@ def rows_loss(
         hidden, head.weight, ids[:, P:], loss_of, chunk_rows, head.bias, temperature, sink, loss_scale
     )
     return logp, entropy, loss, stats
+
+
+def _importance(data: GRPOBatch, part: slice, old_logp: Tensor) -> Tensor | None:
+    """The importance weights of rows ``part`` ([n, C] or [n, 1]; None without a correction), kept for the log.
+
+    ``old_logp`` [n, C]: the trainer's log-probs under the weights that sampled (the first update's, detached).
+    """
+    sample_logp = data.rollout.sample_logprobs
+    if data.importance is None or sample_logp is None:
+        return None
+    mask = data.rollout.completion_mask[part]
+    weights = importance_weights(old_logp, sample_logp[part], mask, data.importance)
+    data.importance_ratios.append(ratio_values(weights, mask))
+    return weights
 
 
 def _tied_embedding(model: Any, head_weight: Tensor) -> tuple[TiedWeightGrad | None, Callable | None]:

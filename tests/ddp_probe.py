@@ -71,6 +71,8 @@ class Probe(L.Callback):
                 "world_size": trainer.world_size,
                 "precision": trainer.precision,
                 "fused": module.optimizers().optimizer.defaults.get("fused"),
+                # what a recording engine (grpo_lightning.engines.RecordingEngine) sampled, step by step
+                "completions": [r.completions for r in getattr(module.engine, "rollouts", [])],
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )

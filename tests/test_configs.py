@@ -80,6 +80,12 @@ def assert_optimizer_is_the_yamls(optimizer: torch.optim.Optimizer, spec: dict |
         assert optimizer.defaults[key] == pytest.approx(value), key
 
 
+def assert_engine_is_the_yamls(engine: Any, spec: dict) -> None:
+    assert f"{type(engine).__module__}.{type(engine).__name__}" == spec["class_path"]
+    for key, value in flat(spec.get("init_args") or {}).items():
+        assert option(engine, key) == value, f"model.rollout.init_args.{key}"
+
+
 def assert_precision_is_the_yamls(trainer: Any, precision: str | None) -> None:
     assert trainer.precision == (precision or "32-true")
     if precision in ("bf16-mixed", "16-mixed"):
@@ -102,6 +108,9 @@ def check_grpo_run(cli: Any, config: dict, overrides: dict) -> None:
     assert_optimizer_is_the_yamls(module.optimizers().optimizer, config["model"].get("optimizer"))
     for key, value in flat(config["model"], "model.").items():  # every option in effect, the loss's and grad_clip among them
         if key in overrides or key == "model.optimizer":
+            continue
+        if key == "model.rollout":  # the engine, an object: its class and options
+            assert_engine_is_the_yamls(module.engine, value)
             continue
         assert option(module.hparams, key.removeprefix("model.")) == value, key
     policy = module.policy
@@ -139,8 +148,15 @@ def test_every_config_has_its_command_and_the_set_is_complete():
         assert first.startswith(("# grpo-lightning fit --config", "# python -m grpo_lightning.warmup fit --config")), first
 
 
+def needs_extra(config_path: Path) -> str | None:
+    """The optional package a config's engine needs (its own environment in .ci/run), or None."""
+    return "vllm" if "grpo_lightning.engines.vllm" in config_path.read_text() else None
+
+
 @pytest.mark.parametrize("config_path", [c for c in CONFIGS if not is_warmup(c)], ids=lambda p: p.name)
 def test_config_runs_two_steps(config_path, tmp_path, monkeypatch):
+    if needs_extra(config_path):
+        pytest.importorskip(needs_extra(config_path), reason=f"{config_path.name} runs where its extra is installed")
     if config_path in GPU_CONFIGS:  # the CUDA path: no CPU-only kernel applies
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     cli, config, overrides = run_grpo(config_path, tmp_path)

@@ -1,0 +1,70 @@
+"""Engines for parity tests: one records the rollouts another engine samples, one serves given rollouts.
+
+Comparing two ways of running a step (several processes against one, a sharded pass against a plain one)
+needs both to update on the same samples; sampling again would draw different ones. Record a run's rollouts
+with :class:`RecordingEngine`, then run the other way with a :class:`ReplayEngine` of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from grpo_lightning.engines.base import RolloutEngine, Sampling
+from grpo_lightning.rollout import Rollout
+
+
+class ReplayEngine(RolloutEngine):
+    """Serves the given rollouts in order, one per call, each for as many rows as the call asks for.
+
+    ``weight_updates`` counts the calls of :meth:`update_weights` (what a pushing engine would have pushed).
+    """
+
+    def __init__(self, rollouts: Sequence[Rollout]):
+        self.rollouts, self.served, self.weight_updates = list(rollouts), 0, 0
+
+    def _generate(
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+    ) -> Rollout:
+        if self.served == len(self.rollouts):
+            raise IndexError(f"the replay engine has served all of its {len(self.rollouts)} rollouts")
+        rollout = self.rollouts[self.served]
+        rows, wanted = rollout.input_ids.shape[0], len(prompts) * num_generations
+        if rows != wanted:
+            raise ValueError(
+                f"replayed rollout {self.served} has {rows} rows, the call asks for {len(prompts)} prompts × "
+                f"{num_generations} = {wanted}"
+            )
+        if rollout.completion_mask.shape[1] > max_new_tokens:
+            raise ValueError(
+                f"replayed rollout {self.served} has {rollout.completion_mask.shape[1]} completion positions, "
+                f"more than max_new_tokens ({max_new_tokens})"
+            )
+        self.served += 1
+        return rollout
+
+    def update_weights(self, policy: Any) -> None:
+        self.weight_updates += 1
+
+
+class RecordingEngine(RolloutEngine):
+    """Another engine, with every rollout it returns kept in ``rollouts`` (for a :class:`ReplayEngine`)."""
+
+    def __init__(self, engine: RolloutEngine):
+        self.engine, self.rollouts = engine, []
+        self.importance_sampling = engine.importance_sampling
+
+    def _generate(self, *args: Any) -> Rollout:
+        rollout = self.engine._generate(*args)
+        self.rollouts.append(rollout)
+        return rollout
+
+    @property
+    def timings(self) -> dict[str, float]:  # type: ignore[override]
+        return self.engine.timings
+
+    def update_weights(self, policy: Any) -> None:
+        self.engine.update_weights(policy)
+
+    def free(self) -> None:
+        self.engine.free()
