@@ -24,6 +24,7 @@ from grpo_lightning.distributed import (
     sum_over_processes, synchronize,
 )
 from grpo_lightning.engines import GenerateEngine, RolloutEngine
+from grpo_lightning.engines.mixin import RolloutMixin
 from grpo_lightning.evaluation import EvaluationMixin, samples_text
 from grpo_lightning.guard import SkipGuard
 from grpo_lightning.lora import LoRA
@@ -38,7 +39,7 @@ from grpo_lightning.scoring import DEFAULT_REWARD_FUNCS, Scores, load_reward_fun
 from grpo_lightning.step import GRPOBatch, prepare_batch, rows_loss, score_rollout, step_metrics
 
 
-class GRPOModule(EvaluationMixin, L.LightningModule):
+class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
     """GRPO fine-tuning of a causal language model.
 
     Args:
@@ -90,8 +91,7 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         log_samples_every_n_steps: Log a few completions as text to TensorBoard every N steps; 0 never.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
-        rollout: The rollout engine (a class path with ``init_args``); ``None`` for ``generate`` on the policy
-            (:mod:`grpo_lightning.engines`; vLLM: ``grpo_lightning.engines.vllm.VLLMEngine``, docs/vllm.md).
+        rollout: The rollout engine, a class path with ``init_args`` (:mod:`grpo_lightning.engines`, docs/vllm.md).
         malloc_mmap_threshold: Training on the CPU, glibc returns freed buffers of this many bytes or more to
             the OS (lower peak memory; the whole process, glibc only; :mod:`~grpo_lightning.allocator`).
             ``None``, or a GPU run (host buffers are not its step's memory), leaves malloc as it is.
@@ -235,17 +235,6 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
         at_stage_end(self._trainer, name)  # a boundary between stages: where a signalled run stops
         return out
 
-    def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
-        hp = self.hparams
-        rollout = self.engine.generate(
-            self.policy, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens, temperature=hp.temperature,
-            rows_per_call=hp.rows_per_generate, generation_kwargs=hp.generation_kwargs, share_prompt=hp.share_prompt,
-            use_model_generation_config=hp.use_model_generation_config,
-        )
-        self.engine.free()  # between rollouts the engine's memory is the update's
-        self.timings.update(self.engine.timings)  # the engine's own stages, e.g. weight_sync
-        return rollout
-
     def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
         """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
         hp = self.hparams
@@ -256,7 +245,6 @@ class GRPOModule(EvaluationMixin, L.LightningModule):
             gather=functools.partial(gather_rows, self._strategy),
         )
         data.ref_logp = self._reference_logprobs(rollout)
-        data.importance = self.engine.importance_sampling  # None: the engine samples with the trainer's numerics
         return data
 
     def _update(self, data: GRPOBatch) -> dict:

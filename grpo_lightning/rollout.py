@@ -31,6 +31,8 @@ class Rollout:
     completions: list[str]  # N decoded completions, EOS and what follows removed
     truncated: Tensor  # [N] bool: no EOS within max_new_tokens
     sample_logprobs: Tensor | None = None  # [N, C] log-probs seen by the sampler, when recorded
+    # how the loss corrects for a sampler whose log-probs are not the trainer's (importance.ImportanceSampling)
+    importance_sampling: Any = None
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:

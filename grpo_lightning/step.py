@@ -23,7 +23,7 @@ from torch import Tensor
 from grpo_lightning.gated_mlp import gated_mlps
 from grpo_lightning.guard import check_step_rewards
 from grpo_lightning.head_logprob import TiedWeightGrad, head_loss, tied_embedding
-from grpo_lightning.importance import ImportanceSampling, importance_weights, ratio_summary, ratio_values
+from grpo_lightning.importance import importance_weights, ratio_summary, ratio_values
 from grpo_lightning.loss import drop_truncated, frac_reward_zero_std, group_advantages, grpo_loss
 from grpo_lightning.rollout import Rollout, causal_lm, completion_hidden, is_checkpointing, sequence_logprobs
 from grpo_lightning.scoring import RewardFunc, Scores, applied_mean, score
@@ -45,8 +45,7 @@ class GRPOBatch:
     # the step's per-row values over every process ([W*N] each; this process's N rows with one process):
     # "reward", "length", "truncated", "tokens", and "reward/<function>" (NaN where it did not apply)
     step_rows: dict[str, Tensor] = field(default_factory=dict)
-    # the correction for a sampler whose log-probs are not the trainer's (None: none), and the ratios it used
-    importance: ImportanceSampling | None = None
+    # the importance-sampling ratios the updates used (rollout.importance_sampling), kept for the log
     importance_ratios: list[Tensor] = field(default_factory=list)
 
 
@@ -181,11 +180,11 @@ def _importance(data: GRPOBatch, part: slice, old_logp: Tensor) -> Tensor | None
 
     ``old_logp`` [n, C]: the trainer's log-probs under the weights that sampled (the first update's, detached).
     """
-    sample_logp = data.rollout.sample_logprobs
-    if data.importance is None or sample_logp is None:
+    rollout = data.rollout
+    if rollout.importance_sampling is None or rollout.sample_logprobs is None:
         return None
-    mask = data.rollout.completion_mask[part]
-    weights = importance_weights(old_logp, sample_logp[part], mask, data.importance)
+    mask = rollout.completion_mask[part]
+    weights = importance_weights(old_logp, rollout.sample_logprobs[part], mask, rollout.importance_sampling)
     data.importance_ratios.append(ratio_values(weights, mask))
     return weights
 

@@ -83,7 +83,9 @@ def assert_optimizer_is_the_yamls(optimizer: torch.optim.Optimizer, spec: dict |
 def assert_engine_is_the_yamls(engine: Any, spec: dict) -> None:
     assert f"{type(engine).__module__}.{type(engine).__name__}" == spec["class_path"]
     for key, value in flat(spec.get("init_args") or {}).items():
-        assert option(engine, key) == value, f"model.rollout.init_args.{key}"
+        first = key.split(".")[0]  # vLLM's own LLM(...) options are kept together, the engine's as attributes
+        got = engine.llm_options[key] if first in getattr(engine, "llm_options", {}) else option(engine, key)
+        assert got == value, f"model.rollout.init_args.{key}"
 
 
 def assert_precision_is_the_yamls(trainer: Any, precision: str | None) -> None:

@@ -87,9 +87,8 @@ def test_the_step_weights_each_token_by_the_sampler_ratio(fused):
     options = ImportanceSampling("token_truncate", clip_max=None)
 
     def loss(sample_logp, importance):
-        rollout.sample_logprobs = sample_logp
-        data = GRPOBatch(rollout, None, torch.zeros(8), torch.ones(8), mask, 8, int(mask.sum()),
-                         torch.tensor(0.0), importance=importance)
+        rollout.sample_logprobs, rollout.importance_sampling = sample_logp, importance
+        data = GRPOBatch(rollout, None, torch.zeros(8), torch.ones(8), mask, 8, int(mask.sum()), torch.tensor(0.0))
         out = rows_loss(module.policy, data, slice(None), None, fused=fused, chunk_rows=2, group=4, recompute=True,
                         temperature=1.0, clip_eps=0.2, beta=0.0)
         return out[2].item(), data.importance_ratios

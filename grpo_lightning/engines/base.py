@@ -31,12 +31,10 @@ class Sampling:
 class RolloutEngine(ABC):
     """Samples rollouts for the training step and for evaluation.
 
-    ``importance_sampling`` is the correction the loss applies for the gap between the engine's recorded
-    log-probs and the trainer's (:class:`~grpo_lightning.importance.ImportanceSampling`); ``None``: the
-    engine samples with the trainer's own numerics and nothing is corrected.
+    An engine whose log-probs are not the trainer's sets ``Rollout.importance_sampling`` on its rollouts: the
+    correction the loss applies for the gap (:class:`~grpo_lightning.importance.ImportanceSampling`).
     """
 
-    importance_sampling: Any = None
     timings: dict[str, float] = {}  # seconds of the engine's own stages in its last call, logged as time/<name>
 
     def generate(

@@ -52,7 +52,6 @@ class RecordingEngine(RolloutEngine):
 
     def __init__(self, engine: RolloutEngine):
         self.engine, self.rollouts = engine, []
-        self.importance_sampling = engine.importance_sampling
 
     def _generate(self, *args: Any) -> Rollout:
         rollout = self.engine._generate(*args)

@@ -200,8 +200,9 @@ class VLLMEngine(RolloutEngine):
         device = next(policy.parameters()).device
         eos_ids = eos_token_ids(causal_lm(policy), tokenizer)
         enc = self._prompt_ids(tokenizer, prompts, device, max_new_tokens)
+        # top_k −1 was "off" in older vLLM releases; 0.32 prefers 0 and still takes −1. Nothing truncates or penalises.
         params = SamplingParams(
-            n=num_generations, temperature=0.0 if asked["greedy"] else options.temperature, top_p=1.0, top_k=0, min_p=0.0,
+            n=num_generations, temperature=0.0 if asked["greedy"] else options.temperature, top_p=1.0, top_k=-1, min_p=0.0,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens,
             min_tokens=asked["min_tokens"], stop_token_ids=eos_ids, logprobs=0, detokenize=False,
         )
@@ -215,7 +216,9 @@ class VLLMEngine(RolloutEngine):
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
         G = num_generations
         prompt_ids, prompt_mask = enc.input_ids.repeat_interleave(G, dim=0), enc.attention_mask.repeat_interleave(G, dim=0)
-        return build_rollout(prompt_ids, prompt_mask, completions, eos_ids, pad_id, tokenizer, logprobs)  # [B*G, P]
+        rollout = build_rollout(prompt_ids, prompt_mask, completions, eos_ids, pad_id, tokenizer, logprobs)  # [B*G, P]
+        rollout.importance_sampling = self.importance_sampling
+        return rollout
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
