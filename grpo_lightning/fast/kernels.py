@@ -1,16 +1,7 @@
 """oneDNN's linear kernel for the fp32 products on the CPU that need no autograd graph.
 
 torch's CPU ``F.linear`` and ``@`` go to a GEMM that runs well below what the machine allows on the shapes
-of this workload. Measured on 2 cores (AVX-512), fp32, median of repeats, torch's product vs oneDNN's
-``_linear_pointwise`` on the weight as it is:
-
-| product                                   | rows | torch          | oneDNN  |
-| ----------------------------------------- | ---- | -------------- | ------- |
-| LM head, [151,936 × 896]                  | 8    | 54 ms (W·xᵀ)   | 34 ms (18–22 reordered) |
-| LM head                                   | 128  | 298 ms         | 206 ms  |
-| LM head's dh = dz·W                       | 128  | 266 ms         | 184 ms  |
-| MLP up, [4,864 × 896]                     | 512  | 36 ms          | 22 ms   |
-| MLP down, [896 × 4,864]                   | 512  | 30 ms          | 22 ms   |
+of this workload; bench/README.md has the measured times of both.
 
 Values agree within float rounding (relative 1e-6). The kernel has no backward, so it serves what runs
 without a graph: decoding, the reference pass, and the products inside the LM head's own autograd
@@ -41,7 +32,7 @@ def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [.., in] · Wᵀ [in, out] + b → [.., out], through oneDNN where it applies (see the module's table)."""
+    """x [.., in] · Wᵀ [in, out] + b → [.., out], through oneDNN where it applies."""
     if _onednn_applies(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -11,8 +11,8 @@ class InverseCDFSampler(LogitsProcessor):
     """Draws each row's next token from softmax(scores / T), for ``generate`` run in greedy mode.
 
     ``generate``'s own sampling calls ``torch.multinomial``, which draws one exponential variate per
-    vocabulary entry: measured on 2 cores, 23 ms of a decoding step for 8 rows × 151,936, a third of the
-    step. One uniform per row, looked up in the cumulative distribution, takes about 1 ms. The scores come
+    vocabulary entry; one uniform per row, looked up in the cumulative distribution, is much faster
+    (bench/README.md has the measured times). The scores come
     back 0 at the drawn token and −inf elsewhere, so the greedy step's argmax takes it. The default
     processors (``min_new_tokens``, ...) run before this one, as they run before generate's own sampling.
     With ``record``, the log-prob of each drawn token is kept ([rows] per step; :meth:`take_logprobs`).

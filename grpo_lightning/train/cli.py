@@ -1,6 +1,6 @@
 """The ``grpo-lightning`` command: LightningCLI with ``fit`` and ``validate`` (and ``test``/``predict`` unused).
 
-``grpo-lightning fit --config configs/cpu-tiny.yaml`` trains; ``--ckpt_path last`` resumes a stopped run;
+``grpo-lightning fit --config configs/quickstart.yaml`` trains; ``--ckpt_path last`` resumes a stopped run;
 ``grpo-lightning validate --config … --model.model_name_or_path DIR`` measures accuracy of a model.
 
 A mistake in the input (an option, a data file, a reward function, a checkpoint, an export directory) ends
