@@ -14,6 +14,7 @@ from torchmetrics.classification import BinaryAccuracy
 from tqdm.auto import tqdm
 
 from grpo_lightning.engines.base import rng_state
+from grpo_lightning.hf.sharding import full_state_dict, is_sharded
 from grpo_lightning.hf.lora import is_lora, save_lora
 from grpo_lightning.train.atomic import atomic_dir
 from grpo_lightning.train.distributed import gather_objects, restore_rng_states
@@ -53,13 +54,17 @@ class AccuracyCallback(L.Callback):
         datamodule.setup("validate")
         metric = BinaryAccuracy().to(module.device)
         rows: list[dict] = []
+        done, last = 0, None
         loader = datamodule.val_dataloader()
+        most = module.most_batches(len(loader))
         for batch in tqdm(loader, desc=f"Accuracy {stage} training", disable=not trainer.is_global_zero):
             # under the trainer's precision (autocast for bf16-mixed), as validate and the training samples run
             with trainer.precision_plugin.val_step_context():
                 batch_rows = module.evaluate_batch(batch)
             metric.update(*correct_counts(batch_rows, module.device))
             rows += batch_rows
+            done, last = done + 1, batch
+        module.run_missing_batches(done, most, last)  # (sharded: every process runs as many passes)
         accuracy = metric.compute().item()  # counts summed over processes: the accuracy of every example
         # on every process: trainer.log_dir broadcasts
         write_examples(trainer.strategy, rows, _log_dir(trainer) / f"eval_{stage}.jsonl", trainer.is_global_zero)
@@ -121,15 +126,20 @@ class HFExport(L.Callback):
                 "or set export.overwrite: true"
             )
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        # sharded weights are gathered first, on every process (one full copy, on process 0)
+        full = full_state_dict(module.policy) if is_sharded(module.passes) else None
+        if trainer.is_global_zero:
+            self.save(module, full)
+
+    def save(self, module: Any, state_dict: dict | None) -> None:
         assert self.path is not None
         # written beside the target and renamed into place: a crash leaves the previous export or none
         with atomic_dir(self.path) as tmp:
             if is_lora(module.policy):
                 save_lora(module.policy, module.tokenizer, tmp)
             else:
-                module.policy.save_pretrained(tmp)
+                module.policy.save_pretrained(tmp, state_dict=state_dict)
                 module.tokenizer.save_pretrained(tmp)
         if is_lora(module.policy):
             rank_zero_info(f"Saved the merged model and tokenizer to {self.path}, the LoRA adapters to {self.path / 'adapter'}")

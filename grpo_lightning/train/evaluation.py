@@ -15,6 +15,7 @@ import torch
 
 from grpo_lightning.builtin.answer_format import extract_model_answer
 from grpo_lightning.builtin.gsm8k import is_correct
+from grpo_lightning.hf.sharding import is_sharded
 from grpo_lightning.train.distributed import gather_objects, interleave
 
 
@@ -35,19 +36,41 @@ class EvaluationMixin:
             for p, e, c in zip(batch["prompt"], batch["expected"], rollout.completions)
         ]
 
+    def most_batches(self, mine: int) -> int:
+        """The most evaluation batches any process has (a collective when sharded; ``mine`` otherwise).
+
+        Under FSDP2 each pass gathers weights from every process, so all must run the same number of passes:
+        the examples split unevenly (no repeats), and a process with fewer batches would leave the others
+        waiting. It runs its last batch again, results dropped (:meth:`run_missing_batches`).
+        """
+        if not is_sharded(self.passes):
+            return mine
+        most = torch.tensor(mine, device=self.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return int(most)
+
+    def run_missing_batches(self, done: int, most: int, last_batch: dict[str, list[str]] | None) -> None:
+        for _ in range(most - done):
+            self.evaluate_batch(last_batch or {"prompt": [""], "expected": [""]})
+
     def on_validation_epoch_start(self) -> None:
         from torchmetrics.classification import BinaryAccuracy
 
         self.val_accuracy = BinaryAccuracy().to(self.device)
         self.val_rows: list[dict] = []
+        loaders = self.trainer.val_dataloaders
+        mine = len(loaders[0] if isinstance(loaders, list) else loaders)
+        self.val_batches: tuple[int, int, Any] = (0, self.most_batches(mine), None)  # batches run, to run, the last
 
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        self.val_batches = (self.val_batches[0] + 1, self.val_batches[1], batch)
         rows = self.evaluate_batch(batch)
         self.val_rows += rows
         self.val_accuracy.update(*correct_counts(rows, self.device))
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(rows))
 
     def on_validation_epoch_end(self) -> None:
+        self.run_missing_batches(*self.val_batches)
         log_dir = self.trainer.log_dir
         if log_dir is not None:
             write_examples(self.trainer.strategy, self.val_rows, Path(log_dir) / "validate_examples.jsonl",

@@ -8,6 +8,7 @@ optimizer step is explicit and ``global_step`` counts them: steps × μ).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from grpo_lightning.fast.head_loss import FusedHead
 from grpo_lightning.hf.lora import LoRA
 from grpo_lightning.hf.models import build_policy
 from grpo_lightning.hf.passes import PolicyPasses, held_root
+from grpo_lightning.hf.sharding import Sharding, gradient_sync
 from grpo_lightning.train.callbacks import RandomStates, SampleText
 from grpo_lightning.train.distributed import (
     gather_rows, gradient_scale, no_backward_sync, seed_this_process, sum_over_processes, synchronize,
@@ -37,6 +39,7 @@ from grpo_lightning.train.guard import SkipGuard
 from grpo_lightning.train.options import check_choices, check_max_steps, check_reference, check_sizes
 from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
 from grpo_lightning.train.preemption import at_stage_end
+from grpo_lightning.train.sharding import configure_sharding
 from grpo_lightning.train.reference import build_reference, reference_logprobs, refresh_reference
 from grpo_lightning.engines.mixin import RolloutMixin
 
@@ -93,6 +96,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
         rollout: The rollout engine, a class path with ``init_args`` (:mod:`grpo_lightning.engines`, docs/vllm.md).
+        sharding: Shard the policy and the reference with FSDP2 (:mod:`grpo_lightning.train.sharding`; with
+            ``trainer.strategy: ModelParallelStrategy``, docs/several-gpus.md); ``None`` for one copy per process.
     """
 
     def __init__(
@@ -131,17 +136,26 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         eval_generation_kwargs: dict[str, Any] | None = None,
         lora: LoRA | None = None,
         rollout: RolloutEngine | None = None,
+        sharding: Sharding | None = None,
     ):
         super().__init__()
+        sharding = Sharding(**sharding) if isinstance(sharding, dict) else sharding  # (`sharding: {}` in YAML)
         check_sizes(num_generations, max_new_tokens, mu, rows_per_generate, rows_per_update, logprob_chunk_rows)
         check_choices(loss_type, scale_rewards, clip_eps, epsilon_high, temperature)
         check_reference(lora, ref_update_every, beta)
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_weights)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rollout"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rollout", "sharding"])
+        self.hparams["sharding"] = None if sharding is None else dataclasses.asdict(sharding)  # (checkpoints hold plain data)
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.policy, self.tokenizer = build_policy(model_name_or_path, dtype, lora, gradient_checkpointing, input_require_grads)
+        if sharding is not None and lora is not None:
+            raise ValueError("model.lora cannot be combined with model.sharding: LoRA with FSDP2 is not supported yet")
+        self.sharding = sharding
+        # sharded: the structure only, on the meta device; process 0 reads the weights in configure_model
+        self.policy, self.tokenizer = build_policy(
+            model_name_or_path, dtype, lora, gradient_checkpointing, input_require_grads, meta=sharding is not None
+        )
         self.reference = build_reference(self.policy, beta, lora)
         self.head = FusedHead(logprob_recompute, fused_head_loss)  # how the passes run the LM head
         self.timings: dict[str, float] = {}
@@ -170,6 +184,9 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         # After the precision plugin has cast the weights (bf16-true does) and the optimizer exists.
         if message := rounding_warning(self.optimizers().param_groups):
             rank_zero_warn(message)
+
+    def configure_model(self) -> None:
+        configure_sharding(self)  # FSDP2 under ModelParallelStrategy; nothing for DDP or one process
 
     def setup(self, stage: str) -> None:
         # Before a checkpoint's random states are restored: every process samples from its own stream.
@@ -200,6 +217,10 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         """The root through which every pass over the policy runs (:mod:`grpo_lightning.hf.passes`)."""
         return held_root(self, "_policy_passes", self.policy, self.head)
 
+    @property
+    def reference_passes(self) -> PolicyPasses | None:
+        return held_root(self, "_reference_passes", self.reference, self.head)
+
     def _logprobs(self, root: PolicyPasses, rollout: Rollout, inside: Any = None) -> torch.Tensor:
         hp = self.hparams
         return root(
@@ -208,8 +229,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         )
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
-        reference = held_root(self, "_reference_passes", self.reference, self.head)
-        return reference_logprobs(reference, self.passes, self.hparams.beta, lambda root, inside: self._logprobs(root, rollout, inside))
+        return reference_logprobs(self.reference_passes, self.passes, self.hparams.beta, lambda root, inside: self._logprobs(root, rollout, inside))
 
     def _refresh_reference(self, step: int) -> None:
         refreshed = refresh_reference(self.reference, self.policy, step, self.hparams.ref_update_every)
@@ -274,7 +294,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             totals = {}
             for start in range(0, n, per):
                 rows = slice(start, start + per)
-                with no_backward_sync(self._strategy, enabled=start + per < n):
+                last = start + per >= n  # the chunk whose backward reduces the accumulated gradients
+                with no_backward_sync(self._strategy, enabled=not last), gradient_sync(self.passes, last):
                     logp, entropy, loss, stats = self._rows_loss(data, rows, None if update == 0 else old_logp)
                     if update == 0 and old_logp is not None:
                         old_logp[rows] = logp.detach()
