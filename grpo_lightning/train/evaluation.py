@@ -1,8 +1,11 @@
-"""Greedy accuracy of the policy on evaluation prompts: the ``validate`` hooks of :class:`GRPOModule`.
+"""Greedy accuracy of the policy on the evaluation set: one :class:`Evaluation` step scores every batch.
 
-The accuracy callback calls :meth:`EvaluationMixin.evaluate_batch` before and after training; the
-``validate`` subcommand runs the hooks below. With several processes each one evaluates its own examples
-(the loader's sampler splits them without repeats) and process 0 writes them all, in order.
+Two loops run that step. :func:`evaluate` is the accuracy callback's, before and after training: it runs
+inside ``fit``, where Lightning cannot start a validation loop of its own, so it iterates the data
+module's evaluation loader itself. The ``validate`` subcommand runs Lightning's validation loop, whose
+hooks (:class:`EvaluationMixin`) take the same step, so that its progress bar, callbacks and ``val/accuracy``
+logging stay Lightning's. With several processes each one scores its own examples (the loader's sampler
+splits them without repeats), the counts are summed over processes, and process 0 writes them all, in order.
 """
 
 from __future__ import annotations
@@ -12,15 +15,57 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchmetrics.classification import BinaryAccuracy
+from tqdm.auto import tqdm
 
 from grpo_lightning.builtin.answer_format import extract_model_answer
 from grpo_lightning.builtin.gsm8k import is_correct
 from grpo_lightning.train.distributed import gather_objects, interleave
 
 
+class Evaluation:
+    """One evaluation on this process: the rows it scored and their accuracy.
+
+    ``accuracy`` is a ``BinaryAccuracy``: computing it sums the counts of every process, the accuracy of
+    every example.
+    """
+
+    def __init__(self, device: Any):
+        self.accuracy = BinaryAccuracy().to(device)
+        self.rows: list[dict] = []
+
+    def step(self, module: Any, batch: dict[str, list[str]]) -> list[dict]:
+        """Score one batch of prompts with ``module.evaluate_batch``; keep its rows and count them."""
+        rows = module.evaluate_batch(batch)
+        self.rows += rows
+        self.accuracy.update(*correct_counts(rows, module.device))
+        return rows
+
+    def write(self, strategy: Any, path: Path, is_global_zero: bool) -> None:
+        """Every process's rows to ``path`` (see :func:`write_examples`); every process must call it."""
+        write_examples(strategy, self.rows, path, is_global_zero)
+
+
+def evaluate(trainer: Any, module: Any, path: Path, description: str) -> float:
+    """The accuracy of ``module`` on the data module's evaluation set, every example written to ``path``.
+
+    Every process must call it (the counts are reduced and the rows gathered).
+    """
+    datamodule = trainer.datamodule
+    datamodule.setup("validate")
+    evaluation = Evaluation(module.device)
+    for batch in tqdm(datamodule.val_dataloader(), desc=description, disable=not trainer.is_global_zero):
+        # under the trainer's precision (autocast for bf16-mixed), as Lightning runs validate and the training samples
+        with trainer.precision_plugin.val_step_context():
+            evaluation.step(module, batch)
+    accuracy = evaluation.accuracy.compute().item()
+    evaluation.write(trainer.strategy, path, trainer.is_global_zero)
+    return accuracy
+
+
 class EvaluationMixin:
     """Evaluation for a LightningModule with ``policy``, ``tokenizer``, a rollout ``engine`` and the generation
-    hyperparameters."""
+    hyperparameters: the greedy completions of a batch, and the ``validate`` hooks."""
 
     def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
         """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
@@ -36,22 +81,19 @@ class EvaluationMixin:
         ]
 
     def on_validation_epoch_start(self) -> None:
-        from torchmetrics.classification import BinaryAccuracy
-
-        self.val_accuracy = BinaryAccuracy().to(self.device)
-        self.val_rows: list[dict] = []
+        self.val_evaluation = Evaluation(self.device)
+        # a metric that Lightning logs must be an attribute of the module; it computes it at the epoch's end
+        self.val_accuracy = self.val_evaluation.accuracy
 
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
-        rows = self.evaluate_batch(batch)
-        self.val_rows += rows
-        self.val_accuracy.update(*correct_counts(rows, self.device))
+        rows = self.val_evaluation.step(self, batch)
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(rows))
 
     def on_validation_epoch_end(self) -> None:
         log_dir = self.trainer.log_dir
         if log_dir is not None:
-            write_examples(self.trainer.strategy, self.val_rows, Path(log_dir) / "validate_examples.jsonl",
-                           self.trainer.is_global_zero)
+            self.val_evaluation.write(self.trainer.strategy, Path(log_dir) / "validate_examples.jsonl",
+                                      self.trainer.is_global_zero)
 
 
 def correct_counts(rows: list[dict], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
