@@ -15,38 +15,21 @@ import torch
 # Tiny models on a busy 2-core machine run many times faster on one intra-op thread than on two.
 torch.set_num_threads(1)
 
-from grpo_lightning.builtin.answer_format import TAGS
+from grpo_lightning.builtin.tiny import Recipe, build
 from grpo_lightning.train.data import builtin_data_dir
 
 GSM8K_DIR = builtin_data_dir("gsm8k-sample")  # 64 train, 32 test problems
 
 
-def build_tiny_model(out: Path, texts: list[str], seed: int = 0) -> Path:
-    """A byte-level BPE tokenizer trained on ``texts`` and a 2-layer random Qwen2 model, saved to ``out``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+# The tests' tiny model: 2 layers of width 32 and a 200-token BPE of GSM8K text, pad == eos (as Qwen's).
+# Every test's expectation was measured on exactly this model: change the recipe and they move.
+TESTS_RECIPE = Recipe(vocab_size=200, qwen_split=False, own_pad=False, decoder_defaults=False, vocab_multiple=1,
+                      hidden_size=32, intermediate_size=64, num_hidden_layers=2, bos_is_eos=False)
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(texts, trainer)
-    # the tags as whole tokens: even an untrained model then emits them now and then, so rewards vary
-    bpe.add_tokens(list(TAGS))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+def build_tiny_model(out: Path, texts: list[str], seed: int = 0) -> Path:
+    """The tests' tiny model, its tokenizer trained on ``texts``, saved to ``out`` (the package's builder)."""
+    return build(out, seed, TESTS_RECIPE, texts)
 
 
 def gsm8k_rows(split: str, n: int | None = None) -> list[dict]:

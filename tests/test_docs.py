@@ -80,3 +80,29 @@ def test_every_named_config_exists():
     assert MAIN_COMMAND.split()[-1] in named
     missing = sorted(name for name in named if not (ROOT / name).is_file())
     assert not missing, f"configs named in the README or docs/ that do not exist: {missing}"
+
+
+def tree_paths(text: str) -> set[str]:
+    """The paths the README's tree names: each line's first word, under the folders its indentation opens."""
+    block = FENCE.findall(text.split("## The tree", 1)[1])[0][1]
+    folders: list[tuple[int, str]] = []  # (indent, name/) of the open folders
+    paths = set()
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent, name = len(line) - len(line.lstrip()), line.split()[0]
+        folders = [(i, f) for i, f in folders if i < indent]
+        path = "".join(f for _, f in folders) + name
+        if name.endswith("/"):
+            folders.append((indent, name))
+        paths.add(path)
+    return paths
+
+
+def test_the_tree_has_one_line_per_package_file():
+    package = ROOT / "grpo_lightning"
+    files = {str(p.relative_to(ROOT)) for p in package.rglob("*.py") if p.name != "__init__.py"}
+    named = {p for p in tree_paths(README.read_text()) if p.endswith(".py")}
+    assert len(files) > 30  # the package was found
+    assert sorted(files - named) == [], "package files missing from the README's tree"
+    assert sorted(p for p in named if not (ROOT / p).is_file()) == [], "the README's tree names files that do not exist"

@@ -93,3 +93,14 @@ def test_the_check_sees_a_wrong_way_import(tmp_path, monkeypatch):
         "grpo_lightning.core.bad:2 imports grpo_lightning.train.module: core must not import train",
         "grpo_lightning.core.bad:3 imports lightning (the core layer needs none of ['lightning', 'peft', 'transformers'])",
     ]
+
+
+def test_each_data_file_has_its_test_file():
+    """train/data/ has one file per kind of source (and the registry, the data module); each its own tests."""
+    from grpo_lightning.train.data import KINDS
+
+    data = PACKAGE / "train" / "data"
+    stems = sorted(p.stem for p in data.glob("*.py") if p.name != "__init__.py")
+    assert set(KINDS) <= set(stems)  # every kind of source is a file of its own
+    tests = Path(__file__).resolve().parent
+    assert [s for s in stems if not (tests / f"test_data_{s}.py").is_file()] == []

@@ -68,3 +68,19 @@ def test_resolve_model_path():
     assert resolve_model_path("builtin:tiny-arithmetic").endswith(str(Path("assets") / "tiny-arithmetic"))
     with pytest.raises(ValueError, match="tiny-nope"):
         resolve_model_path("builtin:tiny-nope")
+
+
+def test_a_recipe_and_texts_shape_the_model(tmp_path):
+    from grpo_lightning.builtin.tiny import Recipe
+
+    recipe = Recipe(vocab_size=300, own_pad=False, vocab_multiple=1, hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, bos_is_eos=False)
+    path = build(tmp_path, seed=0, recipe=recipe, texts=["zebra quokka zebra quokka"] * 20)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.bos_token_id) == (32, 2, None)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # pad == eos without a PAD of its own
+    assert model.config.vocab_size == len(tokenizer) <= 300 + len(TAGS)  # no rounding up with vocab_multiple 1
+    # merges learnt from these texts only: the words are one token each, arithmetic's numbers are not
+    assert len(tokenizer(" quokka", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tokenizer("Ana has 3 cups.", add_special_tokens=False)["input_ids"]) > 5

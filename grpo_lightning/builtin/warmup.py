@@ -27,7 +27,7 @@ from grpo_lightning.builtin.arithmetic import completion_text
 from grpo_lightning.builtin.tiny import resolve_model_path
 from grpo_lightning.hf.models import load_model_and_tokenizer, set_checkpointing
 from grpo_lightning.train.cli import ThreadsCLI
-from grpo_lightning.train.data import load_records
+from grpo_lightning.train.data import read_split
 
 IGNORE = -100  # label value that cross-entropy skips
 
@@ -89,7 +89,7 @@ class SFTDataModule(L.LightningDataModule):
 
     def _examples(self, tokenizer, split: str, limit: int | None = None) -> list[dict]:
         hp = self.hparams
-        records = load_records(hp.source, split, hp.config_name)[:limit]
+        records = read_split(hp, split)[:limit]
         examples = [tokenize_example(tokenizer, r["question"], r["answer"], hp.strip_calculator) for r in records]
         return [e for e in examples if len(e["input_ids"]) <= hp.max_length]
 

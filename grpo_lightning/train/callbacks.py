@@ -7,18 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from torchmetrics.classification import BinaryAccuracy
-from tqdm.auto import tqdm
 
 from grpo_lightning.engines.base import rng_state
 from grpo_lightning.hf.sharding import full_state_dict, is_sharded
 from grpo_lightning.hf.lora import is_lora, save_lora
 from grpo_lightning.train.atomic import atomic_dir
 from grpo_lightning.train.distributed import gather_objects, restore_rng_states
-from grpo_lightning.train.evaluation import correct_counts, write_examples
+from grpo_lightning.train.evaluation import evaluate
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
@@ -50,25 +47,9 @@ class AccuracyCallback(L.Callback):
         self.accuracy_before = state_dict.get("accuracy_before")
 
     def evaluate(self, trainer: L.Trainer, module: Any, stage: str) -> float:
-        datamodule = trainer.datamodule
-        datamodule.setup("validate")
-        metric = BinaryAccuracy().to(module.device)
-        rows: list[dict] = []
-        done, last = 0, None
-        loader = datamodule.val_dataloader()
-        most = module.most_batches(len(loader))
-        for batch in tqdm(loader, desc=f"Accuracy {stage} training", disable=not trainer.is_global_zero):
-            # under the trainer's precision (autocast for bf16-mixed), as validate and the training samples run
-            with trainer.precision_plugin.val_step_context():
-                batch_rows = module.evaluate_batch(batch)
-            metric.update(*correct_counts(batch_rows, module.device))
-            rows += batch_rows
-            done, last = done + 1, batch
-        module.run_missing_batches(done, most, last)  # (sharded: every process runs as many passes)
-        accuracy = metric.compute().item()  # counts summed over processes: the accuracy of every example
         # on every process: trainer.log_dir broadcasts
-        write_examples(trainer.strategy, rows, _log_dir(trainer) / f"eval_{stage}.jsonl", trainer.is_global_zero)
-        return accuracy
+        path = _log_dir(trainer) / f"eval_{stage}.jsonl"
+        return evaluate(trainer, module, path, f"Accuracy {stage} training")
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:

@@ -1,8 +1,11 @@
-"""Greedy accuracy of the policy on evaluation prompts: the ``validate`` hooks of :class:`GRPOModule`.
+"""Greedy accuracy of the policy on the evaluation set: one :class:`Evaluation` step scores every batch.
 
-The accuracy callback calls :meth:`EvaluationMixin.evaluate_batch` before and after training; the
-``validate`` subcommand runs the hooks below. With several processes each one evaluates its own examples
-(the loader's sampler splits them without repeats) and process 0 writes them all, in order.
+Two loops run that step. :func:`evaluate` is the accuracy callback's, before and after training: it runs
+inside ``fit``, where Lightning cannot start a validation loop of its own, so it iterates the data
+module's evaluation loader itself. The ``validate`` subcommand runs Lightning's validation loop, whose
+hooks (:class:`EvaluationMixin`) take the same step, so that its progress bar, callbacks and ``val/accuracy``
+logging stay Lightning's. With several processes each one scores its own examples (the loader's sampler
+splits them without repeats), the counts are summed over processes, and process 0 writes them all, in order.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchmetrics.classification import BinaryAccuracy
+from tqdm.auto import tqdm
 
 from grpo_lightning.builtin.answer_format import extract_model_answer
 from grpo_lightning.builtin.gsm8k import is_correct
@@ -19,9 +24,52 @@ from grpo_lightning.hf.sharding import is_sharded
 from grpo_lightning.train.distributed import gather_objects, interleave
 
 
+class Evaluation:
+    """One evaluation on this process: the rows it scored and their accuracy.
+
+    ``accuracy`` is a ``BinaryAccuracy``: computing it sums the counts of every process, the accuracy of
+    every example.
+    """
+
+    def __init__(self, device: Any):
+        self.accuracy = BinaryAccuracy().to(device)
+        self.rows: list[dict] = []
+
+    def step(self, module: Any, batch: dict[str, list[str]]) -> list[dict]:
+        """Score one batch of prompts with ``module.evaluate_batch``; keep its rows and count them."""
+        rows = module.evaluate_batch(batch)
+        self.rows += rows
+        self.accuracy.update(*correct_counts(rows, module.device))
+        return rows
+
+    def write(self, strategy: Any, path: Path, is_global_zero: bool) -> None:
+        """Every process's rows to ``path`` (see :func:`write_examples`); every process must call it."""
+        write_examples(strategy, self.rows, path, is_global_zero)
+
+
+def evaluate(trainer: Any, module: Any, path: Path, description: str) -> float:
+    """The accuracy of ``module`` on the data module's evaluation set, every example written to ``path``.
+
+    Every process must call it (the counts are reduced and the rows gathered).
+    """
+    datamodule = trainer.datamodule
+    datamodule.setup("validate")
+    evaluation, loader = Evaluation(module.device), datamodule.val_dataloader()
+    most, done, batch = most_batches(module, len(loader)), 0, None
+    for batch in tqdm(loader, desc=description, disable=not trainer.is_global_zero):
+        # under the trainer's precision (autocast for bf16-mixed), as Lightning runs validate and the training samples
+        with trainer.precision_plugin.val_step_context():
+            evaluation.step(module, batch)
+        done += 1
+    run_missing_batches(module, most - done, batch)
+    accuracy = evaluation.accuracy.compute().item()
+    evaluation.write(trainer.strategy, path, trainer.is_global_zero)
+    return accuracy
+
+
 class EvaluationMixin:
     """Evaluation for a LightningModule with ``policy``, ``tokenizer``, a rollout ``engine`` and the generation
-    hyperparameters."""
+    hyperparameters: the greedy completions of a batch, and the ``validate`` hooks."""
 
     def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
         """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
@@ -36,45 +84,43 @@ class EvaluationMixin:
             for p, e, c in zip(batch["prompt"], batch["expected"], rollout.completions)
         ]
 
-    def most_batches(self, mine: int) -> int:
-        """The most evaluation batches any process has (a collective when sharded; ``mine`` otherwise).
-
-        Under FSDP2 each pass gathers weights from every process, so all must run the same number of passes:
-        the examples split unevenly (no repeats), and a process with fewer batches would leave the others
-        waiting. It runs its last batch again, results dropped (:meth:`run_missing_batches`).
-        """
-        if not is_sharded(self.passes):
-            return mine
-        most = torch.tensor(mine, device=self.device)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        return int(most)
-
-    def run_missing_batches(self, done: int, most: int, last_batch: dict[str, list[str]] | None) -> None:
-        for _ in range(most - done):
-            self.evaluate_batch(last_batch or {"prompt": [""], "expected": [""]})
-
     def on_validation_epoch_start(self) -> None:
-        from torchmetrics.classification import BinaryAccuracy
-
-        self.val_accuracy = BinaryAccuracy().to(self.device)
-        self.val_rows: list[dict] = []
+        self.val_evaluation = Evaluation(self.device)
         loaders = self.trainer.val_dataloaders
-        mine = len(loaders[0] if isinstance(loaders, list) else loaders)
-        self.val_batches: tuple[int, int, Any] = (0, self.most_batches(mine), None)  # batches run, to run, the last
+        self.val_missing = most_batches(self, len(loaders[0] if isinstance(loaders, list) else loaders))
+        # a metric that Lightning logs must be an attribute of the module; it computes it at the epoch's end
+        self.val_accuracy = self.val_evaluation.accuracy
 
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
-        self.val_batches = (self.val_batches[0] + 1, self.val_batches[1], batch)
-        rows = self.evaluate_batch(batch)
-        self.val_rows += rows
-        self.val_accuracy.update(*correct_counts(rows, self.device))
+        rows = self.val_evaluation.step(self, batch)
+        self.val_missing, self.val_last = self.val_missing - 1, batch
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(rows))
 
     def on_validation_epoch_end(self) -> None:
-        self.run_missing_batches(*self.val_batches)
+        run_missing_batches(self, self.val_missing, getattr(self, "val_last", None))
         log_dir = self.trainer.log_dir
         if log_dir is not None:
-            write_examples(self.trainer.strategy, self.val_rows, Path(log_dir) / "validate_examples.jsonl",
-                           self.trainer.is_global_zero)
+            self.val_evaluation.write(self.trainer.strategy, Path(log_dir) / "validate_examples.jsonl",
+                                      self.trainer.is_global_zero)
+
+
+def most_batches(module: Any, mine: int) -> int:
+    """The most evaluation batches any process has: a collective when the policy is sharded, else ``mine``.
+
+    Under FSDP2 each pass gathers weights from every process, so all must run the same number of passes; the
+    examples split unevenly (no repeats), and a process with fewer batches would leave the others waiting.
+    """
+    if not is_sharded(module.passes):
+        return mine
+    most = torch.tensor(mine, device=module.device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most)
+
+
+def run_missing_batches(module: Any, missing: int, last_batch: dict[str, list[str]] | None) -> None:
+    """Run ``last_batch`` again ``missing`` times, results dropped: this process's share of the others' passes."""
+    for _ in range(missing):
+        module.evaluate_batch(last_batch or {"prompt": [""], "expected": [""]})
 
 
 def correct_counts(rows: list[dict], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
