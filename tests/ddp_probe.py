@@ -131,4 +131,13 @@ if __name__ == "__main__":
     from grpo_lightning.train.cli import run
 
     for args in json.loads(Path(sys.argv[1]).read_text()):
+        if isinstance(args, dict):  # a config of configs/: test_configs' run, checked by rank 0
+            from test_configs import check_grpo_run, run_grpo
+
+            if args["kernels_off"]:
+                CudaKernelsOnly()
+            cli, config, overrides = run_grpo(Path(args["config"]), Path(args["tmp"]))
+            if cli.trainer.is_global_zero:
+                check_grpo_run(cli, config, overrides)
+            continue
         run(args)
