@@ -153,7 +153,7 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     steps, lengths = [], []
     trainer = L.Trainer(
         accelerator="gpu" if memory.cuda else "cpu", devices=1, precision=args.precision or settings["precision"],
-        max_steps=args.steps * module.hparams.mu, logger=False, enable_checkpointing=False,
+        max_steps=args.steps * module.optimization.mu, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[step_clock(steps, lengths, memory.sync)],
     )

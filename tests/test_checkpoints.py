@@ -138,7 +138,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, t
         save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "full", mu=1)
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "full", optimization={"mu": 1})
     with pytest.raises(SystemExit) as stopped:
         main(["fit", "--config", str(config), "--trainer.max_steps", "3", *QUIET])
     assert stopped.value.code == 2

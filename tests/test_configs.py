@@ -45,8 +45,8 @@ def grpo_overrides(config: dict, tmp: Path) -> dict[str, Any]:
     out = {
         "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.max_steps": 2 * mu,
         "trainer.default_root_dir": str(tmp / "run"), "trainer.enable_progress_bar": False,
-        "model.model_name_or_path": TINY, "model.num_generations": 4, "model.max_new_tokens": 32,
-        "model.eval_max_new_tokens": 8, "data.batch_size": 2, "data.eval_size": 4, "data.eval_batch_size": 4,
+        "model.model_name_or_path": TINY, "model.sampling.num_generations": 4, "model.sampling.max_new_tokens": 32,
+        "model.evaluation.max_new_tokens": 8, "data.batch_size": 2, "data.eval_size": 4, "data.eval_batch_size": 4,
         "checkpoint.dirpath": str(tmp / "ckpt"), "export.export_dir": str(tmp / "export"),
     }
     if trainer.get("strategy") in CPU_CANNOT:

@@ -146,10 +146,10 @@ def test_evaluation_is_sharded_exactly(trained, tmp_path):
 
 VARIANTS = {
     "grpo": [],
-    "bnpo": ["--model.loss_type", "bnpo"],
-    "dr_grpo": ["--model.loss_type", "dr_grpo"],
-    "dapo": ["--model.loss_type", "dapo", "--model.mask_truncated_completions", "true"],
-    "batch": ["--model.scale_rewards", "batch"],
+    "bnpo": ["--model.loss.loss_type", "bnpo"],
+    "dr_grpo": ["--model.loss.loss_type", "dr_grpo"],
+    "dapo": ["--model.loss.loss_type", "dapo", "--model.loss.mask_truncated_completions", "true"],
+    "batch": ["--model.loss.scale_rewards", "batch"],
     "lora": ["--model.lora.r", "8"],  # DDP reduces the adapters' gradients only
 }
 # every metric the step logs from rewards, completions and the loss (the timings are each process's own)
@@ -165,8 +165,8 @@ def fixed_args(tmp: Path, variant: str, rollout: Path) -> list[str]:
     # magnify float rounding); μ = 2 so the second update takes a ratio against the first's log-probs.
     return [
         "fit", "--config", str(config(tmp, variant)), "--trainer.max_steps", "2", "--eval.before", "false",
-        "--eval.after", "false", "--model.max_new_tokens", "22", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05",
-        "--model.grad_clip", "1.0", "--model.clip_eps", "0.01", "--model.reward_funcs", '["ddp_probe.by_length", "ddp_probe.odd_lengths"]',
+        "--eval.after", "false", "--model.sampling.max_new_tokens", "22", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05",
+        "--model.optimization.grad_clip", "1.0", "--model.loss.clip_eps", "0.01", "--model.loss.reward_funcs", '["ddp_probe.by_length", "ddp_probe.odd_lengths"]',
         "--trainer.callbacks+=ddp_probe.FixedRollouts", f"--trainer.callbacks.path={rollout}", *VARIANTS[variant],
     ]
 

@@ -93,7 +93,7 @@ def test_the_second_update_sees_the_first_ones_weights_whatever_the_autocast_cac
     runs = []
     for cache in (False, True):
         monkeypatch.setattr(MixedPrecision, "autocast_context_manager", autocast_cache(cache))
-        cli, record = run_recorded(tmp_path / str(cache), "--model.mu", "2", "--trainer.max_steps", "4",
+        cli, record = run_recorded(tmp_path / str(cache), "--model.optimization.mu", "2", "--trainer.max_steps", "4",
                                    "--model.optimizer.init_args.lr", "1e-3")
         assert record.autocast == {(True, torch.bfloat16)}
         runs.append(([step["ratio"] for step in record.logged], cli.model.policy.state_dict()))

@@ -40,7 +40,7 @@ class SignalAt(L.Callback):
         (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]
 
         def signalled(*args: Any) -> Any:
-            if trainer.global_step // module.hparams.mu == self.step and trainer.global_rank == self.rank:
+            if trainer.global_step // module.optimization.mu == self.step and trainer.global_rank == self.rank:
                 if self.ready:
                     Path(self.ready).write_text("in the stage")
                 else:
@@ -86,7 +86,7 @@ def setup(tmp_path_factory, tiny_model_dir, gsm8k_dir):
     tmp = tmp_path_factory.mktemp("preemption")
 
     def config(name: str) -> Path:
-        return make_config(tmp, tiny_model_dir, gsm8k_dir, name, mu=1)
+        return make_config(tmp, tiny_model_dir, gsm8k_dir, name, optimization={"mu": 1})
 
     full = weights(run(fit_args(config("full"), tmp / "full" / "out")))
     return tmp, config, full

@@ -28,7 +28,7 @@ import torch
 
 from grpo_lightning.core.importance import ImportanceSampling
 from grpo_lightning.core.types import Rollout
-from grpo_lightning.engines.base import RolloutEngine, Sampling, build_rollout, rng_state, set_rng_state
+from grpo_lightning.engines.base import RolloutEngine, SamplingCall, build_rollout, rng_state, set_rng_state
 from grpo_lightning.hf.lora import is_lora, merged_copy
 from grpo_lightning.hf.models import causal_lm, eos_token_ids
 from grpo_lightning.hf.passes import bare_model
@@ -185,7 +185,7 @@ class VLLMEngine(RolloutEngine):
         return enc
 
     def _generate(
-        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
     ) -> Rollout:
         """B prompts × G samples from vLLM. ``rows_per_call`` and ``share_prompt`` are vLLM's own business (it
         batches requests and shares a prompt's KV blocks between its samples); log-probs are always recorded."""
