@@ -200,7 +200,7 @@ def nest_flat_options(hparams: dict[str, Any]) -> dict[str, Any]:
             groups.setdefault(group, {})[name] = value
         elif key not in FAST_KEYS:
             out[key] = value
-    return {**out, **{group: GROUPS[group](**values) for group, values in groups.items()}}
+    return {**out, **groups}  # as the command line saves them: plain values, checked when the module is built
 
 
 def check_max_steps(max_steps: int, mu: int) -> None:
