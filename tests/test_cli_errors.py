@@ -126,7 +126,7 @@ def test_the_shell_sees_status_2_and_the_traceback_only_when_asked(tmp_path, tin
     assert "grpo-lightning: error: model.sampling.num_generations must be at least 2 (advantages compare samples), got 1" in done.stderr
     shown = cli_subprocess(args, GRPO_TRACEBACK="1")
     # the stack down to the check that raised (plain or, where pretty_errors is installed, reformatted)
-    assert shown.returncode == 1 and "check_sizes" in shown.stderr
+    assert shown.returncode == 1 and "__post_init__" in shown.stderr
     assert listing(tmp_path / "shell") == {}
 
 

@@ -42,14 +42,14 @@ def sampling_options(generation_kwargs: dict[str, Any] | None, use_model_generat
     """The vLLM sampling options that ``generate``-style ``generation_kwargs`` ask for; a clear error for the rest."""
     if use_model_generation_config:
         raise ValueError(
-            "model.use_model_generation_config must be false with the vLLM engine: the model's top-k and top-p "
+            "model.sampling.use_model_generation_config must be false with the vLLM engine: the model's top-k and top-p "
             "would make vLLM's log-probs those of a truncated distribution and bias the importance ratio"
         )
     kwargs = dict(generation_kwargs or {})
     unknown = sorted(kwargs.keys() - KNOWN_KWARGS)
     if unknown:
         raise ValueError(
-            f"model.generation_kwargs {unknown} are not taken by the vLLM engine (only {sorted(KNOWN_KWARGS)}): "
+            f"model.sampling.generation_kwargs {unknown} are not taken by the vLLM engine (only {sorted(KNOWN_KWARGS)}): "
             "options that truncate or reshape softmax(logits / T) would bias the loss"
         )
     return {"greedy": not kwargs.get("do_sample", True), "min_tokens": int(kwargs.get("min_new_tokens", 0))}
