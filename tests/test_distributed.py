@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import merged
 
 from grpo_lightning.train.cli import run
 
@@ -33,14 +34,16 @@ def config(tmp_path: Path, name: str, **model: object) -> Path:
             "enable_model_summary": False, "enable_progress_bar": False,
         },
         "model": {
-            "model_name_or_path": "builtin:tiny-arithmetic", "dtype": "float32", "num_generations": 4,
-            "max_new_tokens": 16, "eval_max_new_tokens": 32, "mu": 2, "rows_per_update": 4,
-            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 5e-5}}, **model,
+            "model_name_or_path": "builtin:tiny-arithmetic", "dtype": "float32",
+            "sampling": {"num_generations": 4, "max_new_tokens": 16}, "evaluation": {"max_new_tokens": 32},
+            "optimization": {"mu": 2}, "memory": {"rows_per_update": 4},
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 5e-5}},
         },
         "data": {"source": "task:arithmetic", "batch_size": 2, "eval_size": 9, "eval_batch_size": 1, "seed": 0},
         "checkpoint": {"dirpath": str(tmp_path / name / "ckpt"), "every_n_train_steps": 2},
         "export": {"export_dir": str(tmp_path / name / "export")},
     }
+    cfg["model"] = merged(cfg["model"], model)  # groups as dicts, merged key by key
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

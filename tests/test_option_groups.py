@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import yaml
+from lightning.pytorch.cli import LightningCLI
 from test_train import make_config
 
 from grpo_lightning.train.checkpoints import read_checkpoint
@@ -133,5 +134,9 @@ def test_a_checkpoint_with_flat_hyperparameters_resumes(tmp_path, tiny_model_dir
     config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "resumed", optimization={"mu": 1})
     resumed = run(["fit", "--config", str(config), *QUIET, "--trainer.max_steps", "3", "--ckpt_path", str(old)])
     assert resumed.trainer.global_step == 3
-    assert resumed.model.sampling.temperature == 0.9 and resumed.model.sampling.num_generations == 4
+    # Lightning 2.6 reads a --ckpt_path file's options over the config's (here only through the translation
+    # of the flat ones); older releases keep the config's
+    takes_checkpoints = hasattr(LightningCLI, "_parse_ckpt_path")
+    assert resumed.model.sampling.temperature == (0.9 if takes_checkpoints else 1.0)
+    assert resumed.model.sampling.num_generations == 4
     assert yaml.safe_load((tmp_path / "resumed.yaml").read_text())["model"]["sampling"].get("temperature") is None

@@ -187,7 +187,7 @@ def test_two_processes_stop_together_when_one_is_signalled(tmp_path):
     """Process 1 alone gets SIGTERM while sampling step 1: both stop there, one checkpoint holds both states."""
     from test_distributed import DDP, config
 
-    cfg = config(tmp_path, "ddp", mu=1)
+    cfg = config(tmp_path, "ddp", optimization={"mu": 1})
     args = ["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "0", *QUIET,
             *DDP, *signal_at(1, "sampling"), "--trainer.callbacks.rank=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}

@@ -220,7 +220,7 @@ def test_two_processes_each_with_its_own_engine(tmp_path):
     from test_distributed import DDP, config, launch, probe, ranks
 
     recording = {"class_path": "grpo_lightning.engines.RecordingEngine", "init_args": {"engine": VLLM}}
-    cfg = config(tmp_path, "ddp", rollout=recording, temperature=1.5)
+    cfg = config(tmp_path, "ddp", rollout=recording, sampling={"temperature": 1.5})
     launch(tmp_path, [["fit", "--config", str(cfg), *DDP, *NO_EVAL, *probe(tmp_path / "out")]])
     zero, one = ranks(tmp_path / "out")
     assert zero["global_step"] == one["global_step"] == 8

@@ -3,7 +3,8 @@
 A step samples G completions for each of B prompts (rollout), scores them with the reward functions
 (scoring), turns rewards into group-relative advantages (a :class:`~grpo_lightning.core.types.GRPOBatch`) and
 runs μ updates of the clipped, KL-penalised objective on that one rollout (manual optimization, so every
-optimizer step is explicit and ``global_step`` counts them: steps × μ).
+optimizer step is explicit and ``global_step`` counts them: steps × μ). Its options come in the groups of
+:mod:`grpo_lightning.train.options`, which check themselves; ``fast`` picks the speed pieces or the plain path.
 """
 
 from __future__ import annotations
