@@ -67,6 +67,17 @@ def test_a_checkpoint_with_the_old_hyperparameters_loads(tiny_model_dir, tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
 
 
+def test_loading_a_checkpoint_with_flat_options_in_python_names_the_way_to_resume(tiny_model_dir, tmp_path):
+    """Options saved flat, before the groups: load_from_checkpoint would build the module without them."""
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2))
+    hparams = {"model_name_or_path": str(tiny_model_dir), "num_generations": 2, "beta": 0.0, "mu": 2}
+    path = tmp_path / "flat.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "global_step": 0, "loops": {},
+                "pytorch-lightning_version": L.__version__}, path)
+    with pytest.raises(ValueError, match=r"options are flat \(beta, mu, num_generations, ...\).*--ckpt_path"):
+        GRPOModule.load_from_checkpoint(path, map_location="cpu")
+
+
 def test_a_checkpoint_pickling_lora_under_its_old_module_reads(tmp_path, monkeypatch):
     old = types.ModuleType("grpo_lightning.lora")
     old.LoRA = LoRA

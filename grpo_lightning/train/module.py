@@ -35,7 +35,7 @@ from grpo_lightning.train.distributed import (
 from grpo_lightning.train.evaluation import EvaluationMixin
 from grpo_lightning.train.guard import SkipGuard
 from grpo_lightning.train.options import (
-    Evaluation, Loss, Memory, Optimization, Sampling, check_across_groups, check_max_steps,
+    FLAT_KEYS, Evaluation, Loss, Memory, Optimization, Sampling, check_across_groups, check_max_steps,
 )
 from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
 from grpo_lightning.train.preemption import at_stage_end
@@ -141,6 +141,13 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        flat = sorted(FLAT_KEYS.keys() & checkpoint.get("hyper_parameters", {}).keys())
+        if flat and self._trainer is None:  # built by load_from_checkpoint, which drops options it does not know
+            raise ValueError(
+                f"the checkpoint's options are flat ({', '.join(flat[:3])}, ...), as before model.sampling and the "
+                "other groups: resume it with the command line's --ckpt_path, which puts them in their groups, "
+                "or build the module from nest_flat_options(hyper_parameters) (grpo_lightning.train.options)"
+            )
         self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
         if "skip_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["skip_guard"])
