@@ -70,8 +70,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     reason = _unreadable_reason(path)
     if reason is None:
         try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            # (SAFE_GLOBALS are allowed process-wide above: torch's safe_globals context would remove them on exit)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             # torch's own message advises weights_only=False, which would run whatever the file holds
             found = str(e).split("Unsupported global:")[-1].split(".")[0].strip() if "Unsupported global" in str(e) else ""
