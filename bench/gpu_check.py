@@ -83,7 +83,7 @@ class Memory:
 
 
 def seed_settings(path: Path = SEED_CONFIG) -> dict:
-    """The config's trainer precision, GRPOModule arguments and optimizer (class path, init args)."""
+    """The config's trainer precision, GRPOModule arguments (option groups as dicts) and optimizer (class path, init args)."""
     config = yaml.safe_load(path.read_text())
     model = dict(config["model"])
     optimizer = model.pop("optimizer")
@@ -125,16 +125,19 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from grpo_lightning.train.module import GRPOModule
+    from grpo_lightning.train.options import GROUPS
 
     memory = Memory(torch, args.device)
     if memory.cuda:
         torch.cuda.reset_peak_memory_stats()
     L.seed_everything(0, verbose=False)
-    module_args = {**settings["module"], "num_generations": args.generations, "max_new_tokens": args.max_new_tokens}
+    options = {**settings["module"], "sampling": {
+        **settings["module"].get("sampling", {}), "num_generations": args.generations, "max_new_tokens": args.max_new_tokens,
+        "generation_kwargs": {"min_new_tokens": args.max_new_tokens},  # full length, as the estimate assumes
+    }}
     module = GRPOModule(
-        model_name_or_path=str(model_dir), **module_args,
+        model_name_or_path=str(model_dir), **{k: GROUPS[k](**v) if k in GROUPS else v for k, v in options.items()},
         optimizer=optimizer_factory(settings["optimizer"], args.optimizer_overrides),
-        generation_kwargs={"min_new_tokens": args.max_new_tokens},  # full length, as the estimate assumes
     )
     timed = module._timed
 
@@ -153,7 +156,7 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     steps, lengths = [], []
     trainer = L.Trainer(
         accelerator="gpu" if memory.cuda else "cpu", devices=1, precision=args.precision or settings["precision"],
-        max_steps=args.steps * module.hparams.mu, logger=False, enable_checkpointing=False,
+        max_steps=args.steps * module.optimization.mu, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[step_clock(steps, lengths, memory.sync)],
     )
@@ -180,11 +183,11 @@ def run_trl(args, settings: dict, model_dir: Path) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     setting = dict(prompts=args.prompts, generations=args.generations, new_tokens=args.max_new_tokens,
-                   mu=settings["module"]["mu"], beta=settings["module"]["beta"])
+                   mu=settings["module"]["optimization"]["mu"], beta=settings["module"]["loss"]["beta"])
     timer, opt_steps, lengths = PhaseTimer(memory.sync), [], []
     bf16 = (args.precision or settings["precision"]).startswith("bf16")
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = trl_side.build_trainer(model_dir, setting, args.steps, out_dir, settings["module"]["gradient_checkpointing"],
+        trainer = trl_side.build_trainer(model_dir, setting, args.steps, out_dir, settings["module"]["memory"]["gradient_checkpointing"],
                                          device=args.device, bf16=bf16)
         before = snapshot(trainer.model)
         trl_side.instrument(trainer, timer, opt_steps, lengths)
@@ -204,7 +207,7 @@ def computed_peaks(model_dir: Path, args, settings: dict, prompt_length: int) ->
     from bench.limits import Geometry
 
     config = json.loads((model_dir / "config.json").read_text())
-    m = settings["module"]
+    m = settings["module"]["memory"]
     run = memory_estimate.Run(
         prompts=args.prompts, generations=args.generations, prompt_length=prompt_length, new_tokens=args.max_new_tokens,
         chunk_rows=m["logprob_chunk_rows"], checkpointing=m["gradient_checkpointing"],
@@ -217,8 +220,9 @@ def computed_peaks(model_dir: Path, args, settings: dict, prompt_length: int) ->
 def trl_differences(settings: dict) -> list[str]:
     """The config's values that TRL's side, which takes the benchmark's constants, would not run."""
     m, lr = settings["module"], settings["optimizer"].get("init_args", {}).get("lr")
-    pairs = {"lr": (lr, workload.LR), "clip_eps": (m["clip_eps"], workload.CLIP_EPS),
-             "temperature": (m["temperature"], workload.TEMPERATURE), "grad_clip": (m["grad_clip"], workload.GRAD_CLIP)}
+    pairs = {"lr": (lr, workload.LR), "clip_eps": (m["loss"]["clip_eps"], workload.CLIP_EPS),
+             "temperature": (m["sampling"]["temperature"], workload.TEMPERATURE),
+             "grad_clip": (m["optimization"]["grad_clip"], workload.GRAD_CLIP)}
     return [f"{k}: config {a}, TRL side {b}" for k, (a, b) in pairs.items() if a != b]
 
 

@@ -34,14 +34,17 @@ def prompt_batches(prompts: int, steps: int) -> list[dict[str, list]]:
 
 
 def parse_module_args(pairs: list[str]) -> dict:
-    """``key=value`` pairs for extra GRPOModule arguments; values are JSON where they parse (1, true, null)."""
-    out = {}
+    """``key=value`` pairs for extra GRPOModule arguments, an option group's as ``group.name=value``
+    (``memory.rows_per_update=4``, ``fast=false``); values are JSON where they parse (1, true, null)."""
+    out: dict = {}
     for pair in pairs:
-        key, _, value = pair.partition("=")
+        key, _, text = pair.partition("=")
         try:
-            out[key] = json.loads(value)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            out[key] = value
+            value = text
+        group, _, name = key.rpartition(".")
+        (out.setdefault(group, {}) if group else out)[name] = value
     return out
 
 
@@ -54,6 +57,7 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
 
     from grpo_lightning.hf.lora import LoRA
     from grpo_lightning.train.module import GRPOModule
+    from grpo_lightning.train.options import GROUPS
 
     N = setting["new_tokens"]
     # Forced full length, and plain temperature sampling like TRL's (top_k 0 switches off the transformers
@@ -65,24 +69,26 @@ def build(model_dir: Path, setting: dict, gradient_checkpointing: bool, logprob_
         from grpo_lightning.engines.vllm import VLLMEngine
 
         engine = VLLMEngine(dtype="float32")
+    # toggles measured one at a time: an option group's fields (memory={"rows_per_update": 4}) or fast=false
+    groups = {
+        "sampling": {"num_generations": setting["generations"], "max_new_tokens": N, "temperature": workload.TEMPERATURE,
+                     "generation_kwargs": sampling},
+        "loss": {"beta": setting["beta"], "clip_eps": workload.CLIP_EPS},
+        "optimization": {"mu": setting["mu"], "grad_clip": workload.GRAD_CLIP},
+        "memory": {"gradient_checkpointing": gradient_checkpointing, "logprob_chunk_rows": logprob_chunk_rows},
+    }
+    for name, value in extra.items():
+        if name in GROUPS:
+            groups[name] = {**groups.get(name, {}), **value}
     return GRPOModule(
         model_name_or_path=str(model_dir),
         dtype="float32",
-        num_generations=setting["generations"],
-        max_new_tokens=N,
-        temperature=workload.TEMPERATURE,
-        beta=setting["beta"],
-        clip_eps=workload.CLIP_EPS,
-        mu=setting["mu"],
+        **{name: GROUPS[name](**values) for name, values in groups.items()},
         # Same Adam maths whatever the kernel; "fused" and "loop" avoid foreach's model-sized temporaries.
         optimizer=lambda params: torch.optim.Adam(params, lr=workload.LR, **ADAM_IMPL[adam]),
-        grad_clip=workload.GRAD_CLIP,
-        gradient_checkpointing=gradient_checkpointing,
-        logprob_chunk_rows=logprob_chunk_rows,
-        generation_kwargs=sampling,
         rollout=engine,
         lora=LoRA(**setting["lora"]) if "lora" in setting else None,
-        **extra,  # toggles measured one at a time, e.g. rows_per_update=4
+        **{name: value for name, value in extra.items() if name not in GROUPS},
     )
 
 

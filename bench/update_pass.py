@@ -1,11 +1,11 @@
-"""Time and peak memory of one update's forward + backward on the benchmark model, with and without the fused head.
+"""Time and peak memory of one update's forward + backward on the benchmark model, with the speed pieces on and off.
 
     python -m bench.update_pass --setting a --repeats 3
 
 The update of a GRPO step without sampling or Lightning around it: the benchmark's model (Qwen2.5-0.5B
 geometry, 4 layers, fp32), a rollout of the setting's shape (its real first prompts, random completion
 tokens), ``GRPOModule._rows_loss`` over all rows and ``backward``, then a fused Adam step. Each variant
-(``fused_head_loss`` on / off) runs in its own child process: it reports the fastest of ``--repeats``
+(``model.fast`` on / off: the fused head loss and gated MLPs against autograd) runs in its own child process: it reports the fastest of ``--repeats``
 passes (wall and CPU seconds of that pass) and its peak RSS above the RSS after loading, which includes
 the gradients and Adam's state. Run it on a quiet machine: the variants run one after the other.
 """
@@ -35,7 +35,7 @@ def run_variant(setting_name: str, fused: bool, repeats: int) -> dict:
     from grpo_lightning.core.types import GRPOBatch
 
     s = workload.SETTINGS[setting_name]
-    module = build(workload.prepare_model_dir(), s, False, 2, {"fused_head_loss": fused})
+    module = build(workload.prepare_model_dir(), s, False, 2, {"fast": fused})
     G, C = s["generations"], s["new_tokens"]
     prompts = [r["prompt"] for r in workload.load_prompts(s["prompts"])]
     enc = module.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -58,7 +58,7 @@ def run_variant(setting_name: str, fused: bool, repeats: int) -> dict:
         del loss
         optimizer.step()
         best = min(best, (time.perf_counter() - start, time.process_time() - cpu))
-    return {"fused_head_loss": fused, "seconds": best[0], "cpu_seconds": best[1], "peak_extra_mib": peak_rss_mib() - before,
+    return {"fast": fused, "seconds": best[0], "cpu_seconds": best[1], "peak_extra_mib": peak_rss_mib() - before,
             "rows": N, "prompt_tokens": P, "threads": torch.get_num_threads()}
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_variant(args.setting, args.child == "on", args.repeats)))
         return
     print(f"one update (forward + backward + fused Adam), setting ({args.setting}), best of {args.repeats}")
-    print(f"{'fused_head_loss':<17}{'wall s':>8}{'cpu s':>8}{'peak above loaded (MiB)':>25}")
+    print(f"{'fast':<17}{'wall s':>8}{'cpu s':>8}{'peak above loaded (MiB)':>25}")
     for flag in ("off", "on"):
         r = run_child("bench.update_pass", flag, "--setting", args.setting, "--repeats", str(args.repeats))
         print(f"{flag:<17}{r['seconds']:>8.2f}{r['cpu_seconds']:>8.2f}{r['peak_extra_mib']:>25.0f}", flush=True)

@@ -138,7 +138,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, t
         save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "full", mu=1)
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "full", optimization={"mu": 1})
     with pytest.raises(SystemExit) as stopped:
         main(["fit", "--config", str(config), "--trainer.max_steps", "3", *QUIET])
     assert stopped.value.code == 2
@@ -181,3 +181,15 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path):
         export.on_train_end(None, SimpleNamespace(policy=HalfExport(), tokenizer=None))
     assert os.listdir(tmp_path) == ["hf_model"] and os.listdir(export.path) == ["config.json"]
     assert (export.path / "config.json").read_text() == "the previous export"
+
+
+def test_reading_a_checkpoint_leaves_the_options_allowed_for_lightnings_own_loads(tmp_path):
+    """The option groups are allowed process-wide (load_from_checkpoint loads with weights_only too); a
+    ``safe_globals`` context around a read would take them off the list on its exit."""
+    from grpo_lightning.train.options import Sampling
+
+    path = tmp_path / "options.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"sampling": Sampling(num_generations=3)}, "global_step": 0,
+                "loops": {}, "pytorch-lightning_version": "2.6.0"}, path)
+    assert read_checkpoint(path)["hyper_parameters"]["sampling"] == Sampling(num_generations=3)
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["sampling"].num_generations == 3

@@ -42,20 +42,20 @@ def inputs(tmp: Path, real_ckpt: Path) -> dict[str, tuple[list[str], str]]:
         "malformed data": (["--data.source", jsonl(tmp / "in" / "bad.jsonl", ["{oops"])], "bad.jsonl:1: not a JSON object"),
         "no ####": (["--data.source", jsonl(tmp / "in" / "plain.jsonl", [{"question": "q", "answer": "4"}])],
                     "plain.jsonl:1: 'answer' has no final answer"),
-        "G = 1": (["--model.num_generations", "1"], "model.num_generations must be at least 2"),
-        "loss type": (["--model.loss_type", "ppo"], "model.loss_type must be one of"),
-        "T = 0": (["--model.temperature", "0"], "model.temperature must be positive"),
+        "G = 1": (["--model.sampling.num_generations", "1"], "model.sampling.num_generations must be at least 2"),
+        "loss type": (["--model.loss.loss_type", "ppo"], "model.loss.loss_type must be one of"),
+        "T = 0": (["--model.sampling.temperature", "0"], "model.sampling.temperature must be positive"),
         "batch size 0": (["--data.batch_size", "0"], "data.batch_size must be at least 1"),
-        "max_new_tokens 0": (["--model.max_new_tokens", "0"], "model.max_new_tokens must be at least 1"),
-        "max_steps vs mu": (["--trainer.max_steps", "5"], "trainer.max_steps (5) counts optimizer steps and must be a multiple of model.mu (2)"),
-        "reward module": (["--model.reward_funcs", "[no_such_module.reward]"], "cannot import 'no_such_module.reward'"),
-        "reward not callable": (["--model.reward_funcs", "[grpo_lightning.core.scoring.DEFAULT_REWARD_FUNCS]"], "is not callable"),
+        "max_new_tokens 0": (["--model.sampling.max_new_tokens", "0"], "model.sampling.max_new_tokens must be at least 1"),
+        "max_steps vs mu": (["--trainer.max_steps", "5"], "trainer.max_steps (5) counts optimizer steps and must be a multiple of model.optimization.mu (2)"),
+        "reward module": (["--model.loss.reward_funcs", "[no_such_module.reward]"], "cannot import 'no_such_module.reward'"),
+        "reward not callable": (["--model.loss.reward_funcs", "[grpo_lightning.core.scoring.DEFAULT_REWARD_FUNCS]"], "is not callable"),
         "data field": (["--data.question_field", "problem"], "train.jsonl:1: missing text field 'problem'"),
         "export dir": (["--export.export_dir", str(full)], f"export directory {full} is not empty"),
         "truncated ckpt": (["--ckpt_path", str(tmp / "in" / "cut.ckpt")], "cut.ckpt is truncated or corrupt"),
         "not a ckpt": (["--ckpt_path", str(tmp / "in" / "notes.ckpt")], "notes.ckpt is not a checkpoint"),
         "torch_threads 0": (["--torch_threads", "0"], "torch_threads must be at least 1"),
-        "skips -1": (["--model.max_consecutive_skips", "-1"], "model.max_consecutive_skips must be 0 (never stop) or more"),
+        "skips -1": (["--model.optimization.max_consecutive_skips", "-1"], "model.optimization.max_consecutive_skips must be 0 (never stop) or more"),
         "malloc 0": (["--malloc_mmap_threshold", "0"], "malloc_mmap_threshold must be in"),
         "moved key": (["--model.log_samples_every_n_steps", "3"], "model.log_samples_every_n_steps has moved: set samples.every_n_steps instead"),
     }
@@ -68,7 +68,7 @@ def listing(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def real_checkpoint(tmp_path_factory, tiny_model_dir, gsm8k_dir) -> Path:
     tmp = tmp_path_factory.mktemp("real")
-    config = make_config(tmp, tiny_model_dir, gsm8k_dir, "real", mu=1)
+    config = make_config(tmp, tiny_model_dir, gsm8k_dir, "real", optimization={"mu": 1})
     main(["fit", "--config", str(config), "--trainer.max_steps", "1", *QUIET])
     return tmp / "real" / "ckpt" / "last.ckpt"
 
@@ -120,13 +120,13 @@ def cli_subprocess(args: list[str], **env: str) -> subprocess.CompletedProcess:
 
 def test_the_shell_sees_status_2_and_the_traceback_only_when_asked(tmp_path, tiny_model_dir, gsm8k_dir):
     config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "shell"))
-    args = ["fit", "--config", config, *QUIET, "--model.num_generations", "1"]
+    args = ["fit", "--config", config, *QUIET, "--model.sampling.num_generations", "1"]
     done = cli_subprocess(args)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "grpo-lightning: error: model.num_generations must be at least 2 (advantages compare samples), got 1" in done.stderr
+    assert "grpo-lightning: error: model.sampling.num_generations must be at least 2 (advantages compare samples), got 1" in done.stderr
     shown = cli_subprocess(args, GRPO_TRACEBACK="1")
     # the stack down to the check that raised (plain or, where pretty_errors is installed, reformatted)
-    assert shown.returncode == 1 and "check_sizes" in shown.stderr
+    assert shown.returncode == 1 and "__post_init__" in shown.stderr
     assert listing(tmp_path / "shell") == {}
 
 

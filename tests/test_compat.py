@@ -13,6 +13,7 @@ from grpo_lightning.hf.lora import LoRA
 from grpo_lightning.train.checkpoints import read_checkpoint
 from grpo_lightning.train.data import load_records
 from grpo_lightning.train.module import GRPOModule
+from grpo_lightning.train.options import Loss, Sampling
 
 OLD_DEFAULTS = ["grpo_lightning.scoring.correctness", "grpo_lightning.scoring.format"]
 
@@ -45,7 +46,7 @@ def test_an_unmoved_missing_path_still_fails():
 
 def test_the_roots_add_no_state_dict_keys(tiny_model_dir):
     """A checkpoint's weights are ``policy.*`` and ``reference.*`` as before: the pass roots are not children."""
-    module = GRPOModule(str(tiny_model_dir), num_generations=2)
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2))
     module.passes  # made on first use
     names = {f"policy.{k}" for k in module.policy.state_dict()} | {f"reference.{k}" for k in module.reference.state_dict()}
     assert set(module.state_dict()) == names
@@ -54,16 +55,27 @@ def test_the_roots_add_no_state_dict_keys(tiny_model_dir):
 
 def test_a_checkpoint_with_the_old_hyperparameters_loads(tiny_model_dir, tmp_path):
     """Hyperparameters saved before the move name the old reward paths; the weights load into the new module."""
-    module = GRPOModule(str(tiny_model_dir), num_generations=2)
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2))
     with torch.no_grad():
         next(module.policy.parameters()).add_(1.0)  # a change the loaded module must show
-    hparams = {**module.hparams, "reward_funcs": OLD_DEFAULTS}
+    hparams = {**module.hparams, "loss": Loss(reward_funcs=OLD_DEFAULTS)}
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "global_step": 0, "loops": {},
                 "pytorch-lightning_version": L.__version__}, path)
     with pytest.warns(DeprecationWarning):
         loaded = GRPOModule.load_from_checkpoint(path, map_location="cpu")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
+
+
+def test_loading_a_checkpoint_with_flat_options_in_python_names_the_way_to_resume(tiny_model_dir, tmp_path):
+    """Options saved flat, before the groups: load_from_checkpoint would build the module without them."""
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2))
+    hparams = {"model_name_or_path": str(tiny_model_dir), "num_generations": 2, "beta": 0.0, "mu": 2}
+    path = tmp_path / "flat.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "global_step": 0, "loops": {},
+                "pytorch-lightning_version": L.__version__}, path)
+    with pytest.raises(ValueError, match=r"options are flat \(beta, mu, num_generations, ...\).*--ckpt_path"):
+        GRPOModule.load_from_checkpoint(path, map_location="cpu")
 
 
 def test_a_checkpoint_pickling_lora_under_its_old_module_reads(tmp_path, monkeypatch):

@@ -42,12 +42,12 @@ def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def grpo_overrides(config: dict, tmp: Path) -> dict[str, Any]:
     trainer, model, data = config["trainer"], config["model"], config["data"]
-    mu = model.get("mu", 1)
+    mu = model.get("optimization", {}).get("mu", 1)
     out = {
         "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.max_steps": 2 * mu,
         "trainer.default_root_dir": str(tmp / "run"), "trainer.enable_progress_bar": False,
-        "model.model_name_or_path": TINY, "model.num_generations": 4, "model.max_new_tokens": 32,
-        "model.eval_max_new_tokens": 8, "data.batch_size": 2, "data.eval_size": 4, "data.eval_batch_size": 4,
+        "model.model_name_or_path": TINY, "model.sampling.num_generations": 4, "model.sampling.max_new_tokens": 32,
+        "model.evaluation.max_new_tokens": 8, "data.batch_size": 2, "data.eval_size": 4, "data.eval_batch_size": 4,
         "checkpoint.dirpath": str(tmp / "ckpt"), "export.export_dir": str(tmp / "export"),
     }
     if str(trainer.get("strategy")) in CPU_CANNOT:
@@ -118,9 +118,10 @@ def check_grpo_run(cli: Any, config: dict, overrides: dict) -> None:
             continue
         assert option(module.hparams, key.removeprefix("model.")) == value, key
     policy = module.policy
-    assert is_checkpointing(policy) == bool(config["model"].get("gradient_checkpointing", False))
+    memory = config["model"].get("memory", {})
+    assert is_checkpointing(policy) == bool(memory.get("gradient_checkpointing", False))
     has_hook = getattr(causal_lm(policy), "_require_grads_hook", None) is not None
-    assert has_hook == bool(config["model"].get("input_require_grads", False))
+    assert has_hook == bool(memory.get("input_require_grads", False))
     ckpt = trainer.checkpoint_callback
     for key, value in (config.get("checkpoint") or {}).items():
         if f"checkpoint.{key}" not in overrides:

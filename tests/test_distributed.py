@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import merged
 
 from grpo_lightning.train.cli import run
 
@@ -33,14 +34,16 @@ def config(tmp_path: Path, name: str, **model: object) -> Path:
             "enable_model_summary": False, "enable_progress_bar": False,
         },
         "model": {
-            "model_name_or_path": "builtin:tiny-arithmetic", "dtype": "float32", "num_generations": 4,
-            "max_new_tokens": 16, "eval_max_new_tokens": 32, "mu": 2, "rows_per_update": 4,
-            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 5e-5}}, **model,
+            "model_name_or_path": "builtin:tiny-arithmetic", "dtype": "float32",
+            "sampling": {"num_generations": 4, "max_new_tokens": 16}, "evaluation": {"max_new_tokens": 32},
+            "optimization": {"mu": 2}, "memory": {"rows_per_update": 4},
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 5e-5}},
         },
         "data": {"source": "task:arithmetic", "batch_size": 2, "eval_size": 9, "eval_batch_size": 1, "seed": 0},
         "checkpoint": {"dirpath": str(tmp_path / name / "ckpt"), "every_n_train_steps": 2},
         "export": {"export_dir": str(tmp_path / name / "export")},
     }
+    cfg["model"] = merged(cfg["model"], model)  # groups as dicts, merged key by key
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -146,10 +149,10 @@ def test_evaluation_is_sharded_exactly(trained, tmp_path):
 
 VARIANTS = {
     "grpo": [],
-    "bnpo": ["--model.loss_type", "bnpo"],
-    "dr_grpo": ["--model.loss_type", "dr_grpo"],
-    "dapo": ["--model.loss_type", "dapo", "--model.mask_truncated_completions", "true"],
-    "batch": ["--model.scale_rewards", "batch"],
+    "bnpo": ["--model.loss.loss_type", "bnpo"],
+    "dr_grpo": ["--model.loss.loss_type", "dr_grpo"],
+    "dapo": ["--model.loss.loss_type", "dapo", "--model.loss.mask_truncated_completions", "true"],
+    "batch": ["--model.loss.scale_rewards", "batch"],
     "lora": ["--model.lora.r", "8"],  # DDP reduces the adapters' gradients only
 }
 # every metric the step logs from rewards, completions and the loss (the timings are each process's own)
@@ -165,8 +168,8 @@ def fixed_args(tmp: Path, variant: str, rollout: Path) -> list[str]:
     # magnify float rounding); μ = 2 so the second update takes a ratio against the first's log-probs.
     return [
         "fit", "--config", str(config(tmp, variant)), "--trainer.max_steps", "2", "--eval.before", "false",
-        "--eval.after", "false", "--model.max_new_tokens", "22", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05",
-        "--model.grad_clip", "1.0", "--model.clip_eps", "0.01", "--model.reward_funcs", '["ddp_probe.by_length", "ddp_probe.odd_lengths"]',
+        "--eval.after", "false", "--model.sampling.max_new_tokens", "22", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05",
+        "--model.optimization.grad_clip", "1.0", "--model.loss.clip_eps", "0.01", "--model.loss.reward_funcs", '["ddp_probe.by_length", "ddp_probe.odd_lengths"]',
         "--trainer.callbacks+=ddp_probe.FixedRollouts", f"--trainer.callbacks.path={rollout}", *VARIANTS[variant],
     ]
 

@@ -14,6 +14,7 @@ from grpo_lightning.engines.generate import GenerateEngine, generate_rollout
 from grpo_lightning.engines.replay import RecordingEngine, ReplayEngine
 from grpo_lightning.train.data import GSM8KDataModule
 from grpo_lightning.train.module import GRPOModule
+from grpo_lightning.train.options import Loss, Sampling
 
 TINY = "builtin:tiny-arithmetic"
 
@@ -44,7 +45,7 @@ def test_build_rollout_pads_masks_through_the_first_eos_and_flags_truncation():
 
 @pytest.fixture(scope="module")
 def policy():
-    module = GRPOModule(TINY, dtype="float32", num_generations=4, max_new_tokens=8)
+    module = GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=8))
     return module
 
 
@@ -86,7 +87,7 @@ def test_replay_refuses_a_rollout_of_another_size(policy):
 def fit(engine, seed: int, steps: int = 2) -> GRPOModule:
     L.seed_everything(seed, verbose=False)
     module = GRPOModule(
-        TINY, dtype="float32", num_generations=4, max_new_tokens=16, temperature=2.0,
+        TINY, dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=16, temperature=2.0),
         rollout=engine,
         optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
     )
@@ -121,8 +122,8 @@ def test_the_weights_pushed_to_an_engine_have_lora_merged_under_the_base_names()
     from grpo_lightning.engines.vllm import policy_weights
     from grpo_lightning.hf.lora import LoRA
 
-    plain = GRPOModule(TINY, dtype="float32", beta=0)
-    lora = GRPOModule(TINY, dtype="float32", beta=0, lora=LoRA(r=2, alpha=4.0, target_modules=["q_proj"]))
+    plain = GRPOModule(TINY, dtype="float32", loss=Loss(beta=0))
+    lora = GRPOModule(TINY, dtype="float32", loss=Loss(beta=0), lora=LoRA(r=2, alpha=4.0, target_modules=["q_proj"]))
     layer = lora.policy.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         layer.lora_B["default"].weight.fill_(0.5)  # B = 0.5 everywhere: the update (alpha/r)·B·A = 2·0.5·A

@@ -72,7 +72,7 @@ def run_recorded(tmp: Path, *extra: str) -> tuple:
 def test_one_step_at_the_seeds_lr_moves_every_fp32_weight_under_bf16_mixed(tmp_path, cuda_kernels_only):
     cli, record = run_recorded(tmp_path, "--trainer.max_steps", "1")
     assert record.autocast == {(True, torch.bfloat16)}
-    assert cli.model.hparams.grad_clip == 0.1 and cli.model.optimizers().optimizer.defaults["fused"]
+    assert cli.model.optimization.grad_clip == 0.1 and cli.model.optimizers().optimizer.defaults["fused"]
     assert moved_fraction(cli.model.policy) >= 0.99  # measured: 100%
 
 
@@ -93,7 +93,7 @@ def test_the_second_update_sees_the_first_ones_weights_whatever_the_autocast_cac
     runs = []
     for cache in (False, True):
         monkeypatch.setattr(MixedPrecision, "autocast_context_manager", autocast_cache(cache))
-        cli, record = run_recorded(tmp_path / str(cache), "--model.mu", "2", "--trainer.max_steps", "4",
+        cli, record = run_recorded(tmp_path / str(cache), "--model.optimization.mu", "2", "--trainer.max_steps", "4",
                                    "--model.optimizer.init_args.lr", "1e-3")
         assert record.autocast == {(True, torch.bfloat16)}
         runs.append(([step["ratio"] for step in record.logged], cli.model.policy.state_dict()))
@@ -168,7 +168,7 @@ def test_malloc_threshold_applies_on_the_cpu_only(device, expected, monkeypatch)
         config_init={"fit": {"malloc_mmap_threshold": 1 << 20, "ckpt_path": None}}, subcommand="fit",
         trainer=SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), checkpoint_callback=None,
                                 callbacks=[], max_steps=1),
-        model=SimpleNamespace(hparams=SimpleNamespace(mu=1)), datamodule=SimpleNamespace(setup=lambda stage: None),
+        model=SimpleNamespace(optimization=SimpleNamespace(mu=1)), datamodule=SimpleNamespace(setup=lambda stage: None),
     )
     cli.GRPOCLI.before_fit(fake)
     assert applied == expected

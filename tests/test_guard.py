@@ -13,7 +13,8 @@ import torch
 from grpo_lightning.core.advantages import group_advantages
 from grpo_lightning.core.scoring import RewardFunctionError, check_step_rewards, float32_finite, score
 from grpo_lightning.train.cli import run
-from grpo_lightning.train.guard import NonFiniteStepsError, SkipGuard, any_process, grad_norm
+from grpo_lightning.train.guard import NonFiniteStepsError, SkipGuard, any_process
+from grpo_lightning.train.options import Optimization
 from test_train import make_config, scalars
 
 QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1"]
@@ -54,7 +55,7 @@ def test_a_non_finite_step_changes_nothing(tmp_path, tiny_model_dir, gsm8k_dir):
     """3 rollout steps, the second's loss NaN: the weights equal those of the run whose second update did nothing."""
 
     def fit(name: str, mode: str) -> Any:
-        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, name, mu=1)
+        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, name, optimization={"mu": 1})
         # max_steps 2: the skipped step does not count, so both runs take 3 rollout steps
         return run(["fit", "--config", str(config), "--trainer.max_steps", "2", *QUIET, *breaking(1, mode, until=2)])
 
@@ -72,7 +73,7 @@ def test_a_non_finite_step_changes_nothing(tmp_path, tiny_model_dir, gsm8k_dir):
 
 
 def test_k_consecutive_skips_stop_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, gsm8k_dir):
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "k", mu=1, max_consecutive_skips=2)
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "k", optimization={"mu": 1, "max_consecutive_skips": 2})
     with pytest.raises(NonFiniteStepsError, match=r"2 optimizer steps in a row .* the last good checkpoint is .*last\.ckpt"):
         run(["fit", "--config", str(config), "--trainer.max_steps", "4", *QUIET, *breaking(1, "nan")])
     kept = torch.load(tmp_path / "k" / "ckpt" / "last.ckpt", weights_only=True)
@@ -96,16 +97,8 @@ def test_skip_guard_counts_consecutive_and_total_skips():
     restored = SkipGuard()
     restored.load_state_dict({"consecutive": 1, "total": 5})
     assert (restored.consecutive, restored.total) == (1, 5)
-    with pytest.raises(ValueError, match="max_consecutive_skips must be 0"):
-        SkipGuard(-1)
-
-
-def test_grad_norm_is_the_total_two_norm():
-    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
-    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
-    assert grad_norm([a, b]).item() == 5.0  # sqrt(3² + 4²)
-    b.grad = torch.tensor([math.inf])
-    assert grad_norm([a, b]).item() == math.inf
+    with pytest.raises(ValueError, match="model.optimization.max_consecutive_skips must be 0"):
+        Optimization(max_consecutive_skips=-1)
 
 
 class TwoProcesses:
@@ -132,13 +125,14 @@ def test_any_process_makes_one_decision_for_all():
 
 def test_the_skip_counts_travel_in_the_checkpoint(tiny_model_dir):
     from grpo_lightning.train.module import GRPOModule
+    from grpo_lightning.train.options import Sampling
 
-    module = GRPOModule(str(tiny_model_dir), num_generations=2)
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2))
     module.guard.load_state_dict({"consecutive": 2, "total": 5})
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["skip_guard"] == {"consecutive": 2, "total": 5}
-    restored = GRPOModule(str(tiny_model_dir), num_generations=2)
+    restored = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2))
     restored.on_load_checkpoint(checkpoint)
     assert restored.guard.state_dict() == {"consecutive": 2, "total": 5}
 
@@ -174,17 +168,16 @@ def test_rewards_near_1e20_keep_exact_advantages():
     check_step_rewards(rewards, advantages, {"big": 1e20})  # accepted: nothing overflowed on the way
 
 
-def test_allow_step_takes_the_callers_norm_and_leaves_scaler_overflows_to_the_scaler():
+def test_allow_step_judges_the_callers_norm_and_without_one_only_the_loss():
     from types import SimpleNamespace
 
-    p = torch.nn.Parameter(torch.zeros(1))
-    p.grad = torch.tensor([math.inf])
-    optimizer = torch.optim.SGD([p], lr=1.0)
-    plain = SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=None, global_step=4, checkpoint_callback=None)
+    trainer = SimpleNamespace(strategy=None, global_step=4, checkpoint_callback=None)
     guard = SkipGuard()
     with pytest.warns(UserWarning, match="optimizer step 4 skipped: loss 1, gradient norm inf"):
-        assert not guard.allow_step(plain, torch.tensor(1.0), optimizer)  # the norm computed from the grads
-    assert guard.allow_step(plain, torch.tensor(1.0), optimizer, norm=torch.tensor(2.0))  # the caller's norm
-    fp16 = SimpleNamespace(**{**vars(plain), "precision_plugin": SimpleNamespace(scaler=object())})
-    assert guard.allow_step(fp16, torch.tensor(1.0), optimizer)  # inf gradients: the GradScaler's to skip
-    assert guard.state_dict() == {"consecutive": 0, "total": 1}
+        assert not guard.allow_step(trainer, torch.tensor(1.0), torch.tensor(math.inf))
+    assert guard.allow_step(trainer, torch.tensor(1.0), torch.tensor(2.0))
+    # no norm (a GradScaler's step: its inf gradients are the scaler's to skip): only the loss is judged
+    assert guard.allow_step(trainer, torch.tensor(1.0), None)
+    with pytest.warns(UserWarning, match="gradient norm not checked"):
+        assert not guard.allow_step(trainer, torch.tensor(math.nan), None)
+    assert guard.state_dict() == {"consecutive": 1, "total": 2}

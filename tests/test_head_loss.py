@@ -124,11 +124,12 @@ def test_update_gradients_equal_with_and_without_the_fused_head(tiny_model_dir):
     (shared-prompt pass, ratio away from 1, KL on)."""
     from conftest import fixed_update_batch
     from grpo_lightning.train.module import GRPOModule
+    from grpo_lightning.train.options import Memory, Sampling
 
     results = []
     for fused in (False, True):
-        module = GRPOModule(str(tiny_model_dir), dtype="float32", num_generations=3, max_new_tokens=10,
-                            temperature=0.8, logprob_chunk_rows=2, fused_head_loss=fused)
+        module = GRPOModule(str(tiny_model_dir), dtype="float32", sampling=Sampling(num_generations=3, max_new_tokens=10,
+                            temperature=0.8), memory=Memory(logprob_chunk_rows=2), fast=fused)
         data, old = fixed_update_batch(module)
         logp, entropy, loss, stats = module._rows_loss(data, slice(0, data.num_sequences), old)
         loss.backward()

@@ -75,11 +75,12 @@ def test_the_step_weights_each_token_by_the_sampler_ratio(fused):
     # trainer's + ln 2 on every token gives ρ = exp(−ln 2) = 0.5 everywhere (token_truncate, no bounds): −0.5.
     # A sampler equal to the trainer gives ρ = 1: −1 again.
     from grpo_lightning.train.module import GRPOModule
+    from grpo_lightning.train.options import Loss, Sampling
     from grpo_lightning.hf.passes import sequence_logprobs
     from grpo_lightning.core.types import GRPOBatch
 
-    module = GRPOModule("builtin:tiny-arithmetic", dtype="float32", num_generations=4, max_new_tokens=8, beta=0,
-                        fused_head_loss=fused)
+    module = GRPOModule("builtin:tiny-arithmetic", dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=8),
+                        loss=Loss(beta=0), fast=fused)
     torch.manual_seed(0)
     rollout = module.engine.generate(module.policy, module.tokenizer, ["1+2=", "30+4="], 4, 8)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from grpo_lightning.hf.models import decoder, is_checkpointing, set_checkpointin
 from grpo_lightning.hf.passes import position_ids, sequence_logprobs
 from grpo_lightning.train.cli import run
 from grpo_lightning.train.module import GRPOModule
+from grpo_lightning.train.options import Loss, Optimization, Sampling
 from test_train import make_config
 
 PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]
@@ -116,7 +117,7 @@ def test_checkpointed_lora_gradients_equal_plain_ones(tiny_model_dir):
 
 
 def test_reference_is_the_base_model_without_a_copy(tiny_model_dir):
-    module = GRPOModule(str(tiny_model_dir), num_generations=2, lora=LoRA(r=4))
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2), lora=LoRA(r=4))
     assert module.reference is None and not any(k.startswith("reference.") for k in module.state_dict())
     perturb_adapters(module.policy)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -135,12 +136,12 @@ def test_reference_is_the_base_model_without_a_copy(tiny_model_dir):
 
 def test_ref_update_every_is_refused_with_lora(tiny_model_dir):
     with pytest.raises(ValueError, match="ref_update_every must be 0 with model.lora"):
-        GRPOModule(str(tiny_model_dir), num_generations=2, ref_update_every=5, lora=LoRA(r=4))
-    GRPOModule(str(tiny_model_dir), num_generations=2, ref_update_every=5, beta=0.0, lora=LoRA(r=4))  # no reference
+        GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2), optimization=Optimization(ref_update_every=5), lora=LoRA(r=4))
+    GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2), optimization=Optimization(ref_update_every=5), loss=Loss(beta=0.0), lora=LoRA(r=4))  # no reference
 
 
 def test_lora_fit_exports_a_merged_model(tmp_path, tiny_model_dir, gsm8k_dir):
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "lora", mu=1, lora={"r": 4, "alpha": 8})
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "lora", optimization={"mu": 1}, lora={"r": 4, "alpha": 8})
     cli = run(["fit", "--config", str(config), "--trainer.max_steps", "2", "--eval.before", "false"])
     policy = cli.model.policy
     assert cli.trainer.global_step == 2 and policy.training
@@ -166,7 +167,7 @@ def test_lora_fit_exports_a_merged_model(tmp_path, tiny_model_dir, gsm8k_dir):
 
 def test_lora_resume_is_bit_identical(tmp_path, tiny_model_dir, gsm8k_dir):
     def fit(name: str, max_steps: int, ckpt_path: str | None = None, config_name: str | None = None):
-        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, config_name or name, mu=1, lora={"r": 4})
+        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, config_name or name, optimization={"mu": 1}, lora={"r": 4})
         args = ["fit", "--config", str(config), "--trainer.max_steps", str(max_steps),
                 "--export.export_dir", str(tmp_path / name / "out"), "--eval.before", "false", "--eval.after", "false"]
         return run(args + (["--ckpt_path", ckpt_path] if ckpt_path else []))

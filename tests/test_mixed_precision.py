@@ -121,9 +121,10 @@ def _update_gradients(model_dir, fused: bool, dtype: torch.dtype | None, scale: 
     """The module's update loss on a fixed rollout and its parameter gradients (unscaled), under ``dtype`` autocast."""
     from conftest import fixed_update_batch
     from grpo_lightning.train.module import GRPOModule
+    from grpo_lightning.train.options import Memory, Sampling
 
-    module = GRPOModule(str(model_dir), dtype="float32", num_generations=3, max_new_tokens=10, temperature=0.8,
-                        logprob_chunk_rows=2, fused_head_loss=fused, logprob_recompute=False)
+    module = GRPOModule(str(model_dir), dtype="float32", sampling=Sampling(num_generations=3, max_new_tokens=10, temperature=0.8),
+                        memory=Memory(logprob_chunk_rows=2), fast=fused)
     data, old = fixed_update_batch(module)
     module._loss_scale = scale  # what a GradScaler of that scale tells the update
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):

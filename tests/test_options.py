@@ -20,17 +20,17 @@ def broken(prompts, completions, **kwargs):
 
 
 def fit(tmp_path, tiny_model_dir, gsm8k_dir, name, steps, *args):
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, name, mu=1)
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, name, optimization={"mu": 1})
     return run(["fit", "--config", str(config), "--trainer.max_steps", str(steps), *QUIET, *args])
 
 
 def test_options_train_and_log_their_metrics(tmp_path, tiny_model_dir, gsm8k_dir):
     cli = fit(
         tmp_path, tiny_model_dir, gsm8k_dir, "options", 2,
-        "--model.loss_type", "dr_grpo", "--model.epsilon_high", "0.28", "--model.scale_rewards", "batch",
-        "--model.mask_truncated_completions", "true",
-        "--model.reward_funcs", '["grpo_lightning.builtin.gsm8k.format", "test_options.short_answers"]',
-        "--model.reward_weights", "[1.0, 0.5]",
+        "--model.loss.loss_type", "dr_grpo", "--model.loss.epsilon_high", "0.28", "--model.loss.scale_rewards", "batch",
+        "--model.loss.mask_truncated_completions", "true",
+        "--model.loss.reward_funcs", '["grpo_lightning.builtin.gsm8k.format", "test_options.short_answers"]',
+        "--model.loss.reward_weights", "[1.0, 0.5]",
     )
     assert cli.trainer.global_step == 2
     logged = scalars(cli.trainer.log_dir)
@@ -50,11 +50,11 @@ def test_rows_per_update_does_not_change_the_step(tmp_path, tiny_model_dir, gsm8
     # SGD: the weights move by lr · gradient, so equal weights mean equal gradients (Adam's first step,
     # lr · g / (|g| + 1e-8), would magnify float rounding in tiny gradients).
     args = [
-        "--model.loss_type", loss_type, "--model.beta", "0.04", "--model.reward_funcs", '["test_options.short_answers"]',
+        "--model.loss.loss_type", loss_type, "--model.loss.beta", "0.04", "--model.loss.reward_funcs", '["test_options.short_answers"]',
         "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1.0",
     ]
     whole_cli = fit(tmp_path, tiny_model_dir, gsm8k_dir, f"whole-{loss_type}", 1, *args)
-    chunked_cli = fit(tmp_path, tiny_model_dir, gsm8k_dir, f"chunked-{loss_type}", 1, *args, "--model.rows_per_update", "4")
+    chunked_cli = fit(tmp_path, tiny_model_dir, gsm8k_dir, f"chunked-{loss_type}", 1, *args, "--model.memory.rows_per_update", "4")
     whole, chunked = whole_cli.model.policy.state_dict(), chunked_cli.model.policy.state_dict()
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     moved = max((whole[k] - initial[k]).abs().max().item() for k in initial)
@@ -67,8 +67,8 @@ def test_rows_per_update_does_not_change_the_step(tmp_path, tiny_model_dir, gsm8
 
 
 def test_bad_reward_function_stops_before_any_update(tmp_path, tiny_model_dir, gsm8k_dir):
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "broken", mu=1)
-    args = ["fit", "--config", str(config), *QUIET, "--model.reward_funcs", '["test_options.broken"]']
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "broken", optimization={"mu": 1})
+    args = ["fit", "--config", str(config), *QUIET, "--model.loss.reward_funcs", '["test_options.broken"]']
     with pytest.raises(RewardFunctionError, match="reward function 'broken' returned 7 values for 8 completions"):
         run(args)
     # a checkpoint is written after every step: none exists, so no optimizer step happened
@@ -77,12 +77,12 @@ def test_bad_reward_function_stops_before_any_update(tmp_path, tiny_model_dir, g
 
 def test_option_errors(tmp_path, tiny_model_dir, gsm8k_dir):
     config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "errors"))
-    with pytest.raises(ValueError, match="model.loss_type must be one of"):
-        run(["fit", "--config", config, "--model.loss_type", "ppo"])
-    with pytest.raises(ValueError, match="model.scale_rewards must be one of"):
-        run(["fit", "--config", config, "--model.scale_rewards", "rank"])
+    with pytest.raises(ValueError, match="model.loss.loss_type must be one of"):
+        run(["fit", "--config", config, "--model.loss.loss_type", "ppo"])
+    with pytest.raises(ValueError, match="model.loss.scale_rewards must be one of"):
+        run(["fit", "--config", config, "--model.loss.scale_rewards", "rank"])
     with pytest.raises(ValueError, match="2 values for 1 reward functions"):
-        run(["fit", "--config", config, "--model.reward_funcs", '["grpo_lightning.builtin.gsm8k.format"]',
-             "--model.reward_weights", "[1, 2]"])
+        run(["fit", "--config", config, "--model.loss.reward_funcs", '["grpo_lightning.builtin.gsm8k.format"]',
+             "--model.loss.reward_weights", "[1, 2]"])
     with pytest.raises(ImportError, match="cannot import 'nowhere.reward'"):
-        run(["fit", "--config", config, "--model.reward_funcs", '["nowhere.reward"]'])
+        run(["fit", "--config", config, "--model.loss.reward_funcs", '["nowhere.reward"]'])

@@ -94,7 +94,7 @@ class RecordReads(L.Callback):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_no_parameter_is_read_outside_a_root_forward(tmp_path, tiny_model_dir, gsm8k_dir, fused):
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "passes", mu=2, beta=0.04, fused_head_loss=fused)
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "passes", optimization={"mu": 2}, loss={"beta": 0.04}, fast=fused)
     cli = run(["fit", "--config", str(config), *QUIET, "--trainer.callbacks+=test_passes.RecordReads"])
     recorder = next(c for c in cli.trainer.callbacks if isinstance(c, RecordReads))
     assert recorder.steps == 1 and cli.trainer.global_step == 2  # one rollout step, μ = 2 updates ran

@@ -49,7 +49,7 @@ def test_warning_only_for_half_weights_that_would_not_move():
 
 def test_fit_warns_once_for_bf16_weights_at_the_seeds_lr(tmp_path, tiny_model_dir, gsm8k_dir):
     for dtype, expected in (("bfloat16", 1), ("float32", 0)):
-        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, f"lr-{dtype}", dtype=dtype, mu=1)
+        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, f"lr-{dtype}", dtype=dtype, optimization={"mu": 1})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             run(["fit", "--config", str(config), "--trainer.max_steps", "1", "--model.optimizer.init_args.lr", "5e-6",

@@ -40,7 +40,7 @@ class SignalAt(L.Callback):
         (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]
 
         def signalled(*args: Any) -> Any:
-            if trainer.global_step // module.hparams.mu == self.step and trainer.global_rank == self.rank:
+            if trainer.global_step // module.optimization.mu == self.step and trainer.global_rank == self.rank:
                 if self.ready:
                     Path(self.ready).write_text("in the stage")
                 else:
@@ -86,7 +86,7 @@ def setup(tmp_path_factory, tiny_model_dir, gsm8k_dir):
     tmp = tmp_path_factory.mktemp("preemption")
 
     def config(name: str) -> Path:
-        return make_config(tmp, tiny_model_dir, gsm8k_dir, name, mu=1)
+        return make_config(tmp, tiny_model_dir, gsm8k_dir, name, optimization={"mu": 1})
 
     full = weights(run(fit_args(config("full"), tmp / "full" / "out")))
     return tmp, config, full
@@ -187,7 +187,7 @@ def test_two_processes_stop_together_when_one_is_signalled(tmp_path):
     """Process 1 alone gets SIGTERM while sampling step 1: both stop there, one checkpoint holds both states."""
     from test_distributed import DDP, config
 
-    cfg = config(tmp_path, "ddp", mu=1)
+    cfg = config(tmp_path, "ddp", optimization={"mu": 1})
     args = ["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "0", *QUIET,
             *DDP, *signal_at(1, "sampling"), "--trainer.callbacks.rank=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}

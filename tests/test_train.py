@@ -11,7 +11,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo_lightning.train.cli import run
 
 
+def merged(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra``'s keys set, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **model: object) -> Path:
+    """A 6-step config on the tiny model; ``model`` sets model options, groups as dicts merged into the defaults'
+    (``optimization={"mu": 1}``)."""
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -23,16 +33,15 @@ def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **mo
         },
         "model": {
             "model_name_or_path": str(model_dir),
-            "num_generations": 4,
-            "max_new_tokens": 12,
-            "mu": 2,
+            "sampling": {"num_generations": 4, "max_new_tokens": 12},
+            "optimization": {"mu": 2},
             "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
-            **model,
         },
         "data": {"source": str(data_dir), "batch_size": 2, "eval_size": 4, "eval_batch_size": 4},
         "checkpoint": {"dirpath": str(tmp_path / name / "ckpt"), "every_n_train_steps": 1},
         "samples": {"every_n_steps": 1},
     }
+    config["model"] = merged(config["model"], model)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -78,7 +87,7 @@ def test_fit_end_to_end(tmp_path, tiny_model_dir, gsm8k_dir):
 
 def test_resume_is_bit_identical(tmp_path, tiny_model_dir, gsm8k_dir):
     def fit(name: str, max_steps: int, ckpt_path: str | None = None, config_name: str | None = None) -> object:
-        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, config_name or name, mu=1)
+        config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, config_name or name, optimization={"mu": 1})
         args = ["fit", "--config", str(config), "--trainer.max_steps", str(max_steps), "--export.export_dir", str(tmp_path / name / "out")]
         return run(args + (["--ckpt_path", ckpt_path] if ckpt_path else []))
 
@@ -102,9 +111,9 @@ def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
     config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "errors"))
     with pytest.raises(FileNotFoundError, match="model path ./no/such/model does not exist"):
         run(["fit", "--config", config, "--model.model_name_or_path", "./no/such/model"])
-    with pytest.raises(ValueError, match=r"rows_per_generate \(6\) must be a positive multiple of num_generations \(4\)"):
-        run(["fit", "--config", config, "--model.rows_per_generate", "6"])
-    with pytest.raises(ValueError, match="must be a multiple of model.mu"):
+    with pytest.raises(ValueError, match=r"model.sampling.rows_per_generate \(6\) must be a positive multiple of model.sampling.num_generations \(4\)"):
+        run(["fit", "--config", config, "--model.sampling.rows_per_generate", "6"])
+    with pytest.raises(ValueError, match="must be a multiple of model.optimization.mu"):
         run(["fit", "--config", config, "--trainer.max_steps", "5"])
     with pytest.raises(FileNotFoundError, match="data source ./missing.jsonl does not exist"):
         run(["fit", "--config", config, "--data.source", "./missing.jsonl"])
@@ -120,7 +129,7 @@ def test_validate_measures_accuracy_of_an_exported_model(tmp_path, tiny_model_di
 
 
 def test_beta_zero_has_no_reference_and_trains(tmp_path, tiny_model_dir, gsm8k_dir):
-    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "beta0", beta=0.0, mu=1))
+    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "beta0", loss={"beta": 0.0}, optimization={"mu": 1}))
     cli = run(["fit", "--config", config, "--trainer.max_steps", "2", "--eval.before", "false", "--eval.after", "false"])
     assert cli.model.reference is None and cli.trainer.global_step == 2
     assert not any(k.startswith("reference.") for k in cli.model.state_dict())
@@ -128,8 +137,9 @@ def test_beta_zero_has_no_reference_and_trains(tmp_path, tiny_model_dir, gsm8k_d
 
 def test_reference_refresh_every_n_steps(tiny_model_dir):
     from grpo_lightning.train.module import GRPOModule
+    from grpo_lightning.train.options import Optimization, Sampling
 
-    module = GRPOModule(str(tiny_model_dir), num_generations=2, ref_update_every=2)
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2), optimization=Optimization(ref_update_every=2))
     with torch.no_grad():
         next(module.policy.parameters()).add_(1.0)
     policy_first = next(module.policy.parameters())
@@ -141,7 +151,7 @@ def test_reference_refresh_every_n_steps(tiny_model_dir):
 
 
 def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir, gsm8k_dir):
-    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "ckpt", gradient_checkpointing=True, mu=1))
+    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "ckpt", memory={"gradient_checkpointing": True}, optimization={"mu": 1}))
     cli = run(["fit", "--config", config, "--trainer.max_steps", "2", "--eval.before", "false", "--eval.after", "false"])
     from grpo_lightning.hf.models import is_checkpointing
 

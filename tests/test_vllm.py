@@ -19,6 +19,7 @@ from grpo_lightning.engines.vllm import VLLMEngine  # noqa: E402
 from grpo_lightning.hf.passes import sequence_logprobs  # noqa: E402
 from grpo_lightning.train.data import GSM8KDataModule  # noqa: E402
 from grpo_lightning.train.module import GRPOModule  # noqa: E402
+from grpo_lightning.train.options import Loss, Sampling  # noqa: E402
 
 TINY = "builtin:tiny-arithmetic"
 GREEDY = {"do_sample": False}
@@ -34,7 +35,7 @@ def prompts() -> list[str]:
 @pytest.fixture(scope="module")
 def module() -> GRPOModule:
     torch.set_num_threads(1)  # the CI budget: tiny models are fastest on one thread
-    return GRPOModule(TINY, dtype="float32", num_generations=4, max_new_tokens=24, rollout=VLLMEngine(dtype="float32"))
+    return GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=24), rollout=VLLMEngine(dtype="float32"))
 
 
 def hf_greedy(module: GRPOModule, prompts: list[str], tokens: int = 24) -> torch.Tensor:
@@ -130,7 +131,7 @@ def test_sampling_at_t2_matches_softmax_over_the_whole_vocabulary(module, prompt
 def test_lora_adapters_are_merged_for_the_push(prompts):
     from grpo_lightning.hf.lora import LoRA
 
-    lora = GRPOModule(TINY, dtype="float32", beta=0, lora=LoRA(r=4), rollout=VLLMEngine(dtype="float32"))
+    lora = GRPOModule(TINY, dtype="float32", loss=Loss(beta=0), lora=LoRA(r=4), rollout=VLLMEngine(dtype="float32"))
     before = hf_greedy(lora, prompts)
     assert torch.equal(vllm_greedy(lora, prompts), before)
     torch.manual_seed(0)
@@ -219,7 +220,7 @@ def test_two_processes_each_with_its_own_engine(tmp_path):
     from test_distributed import DDP, config, launch, probe, ranks
 
     recording = {"class_path": "grpo_lightning.engines.RecordingEngine", "init_args": {"engine": VLLM}}
-    cfg = config(tmp_path, "ddp", rollout=recording, temperature=1.5)
+    cfg = config(tmp_path, "ddp", rollout=recording, sampling={"temperature": 1.5})
     launch(tmp_path, [["fit", "--config", str(cfg), *DDP, *NO_EVAL, *probe(tmp_path / "out")]])
     zero, one = ranks(tmp_path / "out")
     assert zero["global_step"] == one["global_step"] == 8

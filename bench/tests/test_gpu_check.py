@@ -22,9 +22,9 @@ OPTIMIZER_ARGS: list[str] = []
 def test_config_settings_are_the_seed_configs():
     settings = gpu_check.seed_settings()
     assert settings["precision"] == "bf16-mixed" and settings["prompts"] == 4
-    m = settings["module"]
-    assert (m["num_generations"], m["max_new_tokens"], m["beta"], m["clip_eps"], m["mu"]) == (16, 500, 0.04, 0.1, 1)
-    assert (m["grad_clip"], m["gradient_checkpointing"], m["input_require_grads"], m["logprob_chunk_rows"]) == (0.1, True, True, 8)
+    s, loss, o, m = (settings["module"][g] for g in ("sampling", "loss", "optimization", "memory"))
+    assert (s["num_generations"], s["max_new_tokens"], loss["beta"], loss["clip_eps"], o["mu"]) == (16, 500, 0.04, 0.1, 1)
+    assert (o["grad_clip"], m["gradient_checkpointing"], m["input_require_grads"], m["logprob_chunk_rows"]) == (0.1, True, True, 8)
     assert settings["optimizer"] == {"class_path": "torch.optim.Adam", "init_args": {"lr": 5e-6, "fused": True}}
     assert gpu_check.trl_differences(settings) == []  # TRL's side runs the same lr, ε, temperature and clipping
 

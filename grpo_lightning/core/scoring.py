@@ -77,10 +77,10 @@ def function_name(func: Callable) -> str:
 def load_reward_funcs(paths: Sequence[str], weights: Sequence[float] | None = None) -> dict[str, tuple[RewardFunc, float]]:
     """Import each path; ``{name: (function, weight)}`` in the given order. Weights default to 1 each."""
     if not paths:
-        raise ValueError("model.reward_funcs needs at least one reward function")
+        raise ValueError("model.loss.reward_funcs needs at least one reward function")
     weights = [1.0] * len(paths) if weights is None else list(weights)
     if len(weights) != len(paths):
-        raise ValueError(f"model.reward_weights has {len(weights)} values for {len(paths)} reward functions")
+        raise ValueError(f"model.loss.reward_weights has {len(weights)} values for {len(paths)} reward functions")
     funcs: dict[str, tuple[RewardFunc, float]] = {}
     for path, weight in zip(paths, weights):
         func = import_object(path)

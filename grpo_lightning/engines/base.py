@@ -24,7 +24,7 @@ from grpo_lightning.core.types import Rollout
 
 
 @dataclass
-class Sampling:
+class SamplingCall:
     """The sampling options of one :meth:`RolloutEngine.generate` call (documented there)."""
 
     temperature: float
@@ -33,6 +33,7 @@ class Sampling:
     rows_per_call: int | None
     share_prompt: bool
     record_logprobs: bool
+    fast: bool = True
 
 
 class RolloutEngine(ABC):
@@ -58,23 +59,25 @@ class RolloutEngine(ABC):
         rows_per_call: int | None = None,
         share_prompt: bool = True,
         record_logprobs: bool = False,
+        fast: bool = True,
     ) -> Rollout:
         """``num_generations`` completions of each prompt, the G of a prompt adjacent: B prompts → N = B*G rows.
 
         Tokens are drawn from softmax(logits / ``temperature``) unless ``generation_kwargs`` ask otherwise
         (``{"do_sample": False}``: greedy). ``rows_per_call`` bounds the rows sampled at once (memory) and
         ``share_prompt`` reads each prompt once for its G samples, where the engine can. ``record_logprobs``
-        keeps each sampled token's log-prob in ``Rollout.sample_logprobs``.
+        keeps each sampled token's log-prob in ``Rollout.sample_logprobs``. ``fast`` lets an engine use the
+        speed pieces of :mod:`grpo_lightning.fast` (``model.fast``); engines without any ignore it.
         """
-        options = Sampling(
+        options = SamplingCall(
             temperature, dict(generation_kwargs or {}), use_model_generation_config, rows_per_call, share_prompt,
-            record_logprobs,
+            record_logprobs, fast,
         )
         return self._generate(policy, tokenizer, list(prompts), num_generations, max_new_tokens, options)
 
     @abstractmethod
     def _generate(
-        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
     ) -> Rollout:
         """What :meth:`generate` does, in each engine."""
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList
 
 from grpo_lightning.core.types import Rollout
-from grpo_lightning.engines.base import RolloutEngine, Sampling, build_rollout
+from grpo_lightning.engines.base import RolloutEngine, SamplingCall, build_rollout
 from grpo_lightning.fast.kernels import onednn_linears
 from grpo_lightning.fast.sampler import InverseCDFSampler
 from grpo_lightning.hf.models import causal_lm, eos_token_ids, is_checkpointing, set_checkpointing
@@ -97,6 +97,7 @@ def generate_rollout(
     record_logprobs: bool = False,
     share_prompt: bool = True,
     use_model_generation_config: bool = False,
+    fast: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each prompt with ``generate`` (KV cache on, eval mode).
 
@@ -105,8 +106,10 @@ def generate_rollout(
     seed's behaviour: Qwen2.5-Instruct's top-k, top-p and repetition penalty). ``generation_kwargs`` are
     passed on last (e.g. ``{"do_sample": False}``, ``{"min_new_tokens": 64}``).
     ``rows_per_call`` bounds the rows of one ``generate`` call (memory).
-    Plain softmax(logits / T) sampling runs through :class:`InverseCDFSampler`; any option that reshapes the
-    distribution (:func:`reshapes_distribution`) leaves the sampling to ``generate``.
+    With ``fast``, plain softmax(logits / T) sampling runs through :class:`InverseCDFSampler` and the fp32 CPU
+    products through oneDNN; without it, or with an option that reshapes the distribution
+    (:func:`reshapes_distribution`), ``generate`` samples itself (softmax(logits / T) all the same: its
+    top-k and top-p are switched off) through plain ``nn.Linear`` layers.
     ``record_logprobs`` keeps the log-prob of each sampled token under the distribution the sampler drew
     it from (on ``generate``'s own path from its processed scores, [rows, C, V] per call: meant for checks).
     ``share_prompt`` prefills each prompt once and repeats its KV cache for its G samples.
@@ -124,7 +127,7 @@ def generate_rollout(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": True, **(generation_kwargs or {})}
     sampler = None
-    if kwargs["do_sample"] and not use_model_generation_config and not reshapes_distribution(kwargs):
+    if fast and kwargs["do_sample"] and not use_model_generation_config and not reshapes_distribution(kwargs):
         # softmax(logits / T) exactly: drawn by our processor, which generate's greedy step then picks
         sampler = InverseCDFSampler(temperature, record=record_logprobs)
         kwargs = {**kwargs, "do_sample": False, "logits_processor": LogitsProcessorList([sampler])}
@@ -148,7 +151,7 @@ def generate_rollout(
     share = num_generations if share_prompt and P > 1 and can_share_prompt(model, num_generations) else 0
     with sampling_mode(model, rows, kernels=False), generation_config(model, use_model_generation_config):
         pieces = passes(
-            "generate", chunks, share, record, inside=onednn_linears(causal_lm(model), packed_head_rows=rows),
+            "generate", chunks, share, record, inside=onednn_linears(causal_lm(model), packed_head_rows=rows) if fast else None,
             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,
             output_scores=record_logprobs and sampler is None, **kwargs,
         )
@@ -165,11 +168,11 @@ class GenerateEngine(RolloutEngine):
     """
 
     def _generate(
-        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
     ) -> Rollout:
         o = options
         return generate_rollout(
             policy, tokenizer, prompts, num_generations, max_new_tokens, o.temperature, o.rows_per_call,
             o.generation_kwargs, record_logprobs=o.record_logprobs, share_prompt=o.share_prompt,
-            use_model_generation_config=o.use_model_generation_config,
+            use_model_generation_config=o.use_model_generation_config, fast=o.fast,
         )

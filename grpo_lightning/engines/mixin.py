@@ -14,15 +14,15 @@ from grpo_lightning.core.types import Rollout
 
 
 class RolloutMixin:
-    """For a LightningModule with ``engine``, ``passes`` (the policy's pass root), ``tokenizer``, ``timings`` and the sampling hyperparameters."""
+    """For a LightningModule with ``engine``, ``passes`` (the policy's pass root), ``tokenizer``, ``timings`` and the ``sampling`` and ``fast`` options."""
 
     def _rollout(self, batch: dict[str, list[Any]]) -> Rollout:
         """The step's B prompts × G samples, [B*G] rows; the engine's own stage times join the step's (``time/*``)."""
-        hp = self.hparams
+        s = self.sampling
         rollout = self.engine.generate(
-            self.passes, self.tokenizer, batch["prompt"], hp.num_generations, hp.max_new_tokens, temperature=hp.temperature,
-            rows_per_call=hp.rows_per_generate, generation_kwargs=hp.generation_kwargs, share_prompt=hp.share_prompt,
-            use_model_generation_config=hp.use_model_generation_config,
+            self.passes, self.tokenizer, batch["prompt"], s.num_generations, s.max_new_tokens, temperature=s.temperature,
+            rows_per_call=s.rows_per_generate, generation_kwargs=s.generation_kwargs, share_prompt=s.share_prompt,
+            use_model_generation_config=s.use_model_generation_config, fast=self.fast,
         )
         self.engine.free()  # between rollouts the engine's memory is the update's
         self.timings.update(self.engine.timings)  # e.g. weight_sync

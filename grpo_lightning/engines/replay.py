@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from grpo_lightning.core.types import Rollout
-from grpo_lightning.engines.base import RolloutEngine, Sampling
+from grpo_lightning.engines.base import RolloutEngine, SamplingCall
 
 
 class ReplayEngine(RolloutEngine):
@@ -24,7 +24,7 @@ class ReplayEngine(RolloutEngine):
         self.rollouts, self.served, self.weight_updates = list(rollouts), 0, 0
 
     def _generate(
-        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
     ) -> Rollout:
         if self.served == len(self.rollouts):
             raise IndexError(f"the replay engine has served all of its {len(self.rollouts)} rollouts")

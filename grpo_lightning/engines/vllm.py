@@ -28,7 +28,7 @@ import torch
 
 from grpo_lightning.core.importance import ImportanceSampling
 from grpo_lightning.core.types import Rollout
-from grpo_lightning.engines.base import RolloutEngine, Sampling, build_rollout, rng_state, set_rng_state
+from grpo_lightning.engines.base import RolloutEngine, SamplingCall, build_rollout, rng_state, set_rng_state
 from grpo_lightning.hf.lora import is_lora, merged_copy
 from grpo_lightning.hf.models import causal_lm, eos_token_ids
 from grpo_lightning.hf.passes import bare_model
@@ -42,14 +42,14 @@ def sampling_options(generation_kwargs: dict[str, Any] | None, use_model_generat
     """The vLLM sampling options that ``generate``-style ``generation_kwargs`` ask for; a clear error for the rest."""
     if use_model_generation_config:
         raise ValueError(
-            "model.use_model_generation_config must be false with the vLLM engine: the model's top-k and top-p "
+            "model.sampling.use_model_generation_config must be false with the vLLM engine: the model's top-k and top-p "
             "would make vLLM's log-probs those of a truncated distribution and bias the importance ratio"
         )
     kwargs = dict(generation_kwargs or {})
     unknown = sorted(kwargs.keys() - KNOWN_KWARGS)
     if unknown:
         raise ValueError(
-            f"model.generation_kwargs {unknown} are not taken by the vLLM engine (only {sorted(KNOWN_KWARGS)}): "
+            f"model.sampling.generation_kwargs {unknown} are not taken by the vLLM engine (only {sorted(KNOWN_KWARGS)}): "
             "options that truncate or reshape softmax(logits / T) would bias the loss"
         )
     return {"greedy": not kwargs.get("do_sample", True), "min_tokens": int(kwargs.get("min_new_tokens", 0))}
@@ -185,7 +185,7 @@ class VLLMEngine(RolloutEngine):
         return enc
 
     def _generate(
-        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: Sampling
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
     ) -> Rollout:
         """B prompts × G samples from vLLM. ``rows_per_call`` and ``share_prompt`` are vLLM's own business (it
         batches requests and shares a prompt's KV blocks between its samples); log-probs are always recorded."""

@@ -1,2 +1,3 @@
-"""CPU speed pieces: oneDNN products, the fused LM-head passes, fused gated MLPs, the inverse-CDF sampler and
-glibc's mmap threshold. Each computes what a plain path computes; tests hold them equal."""
+"""Speed pieces: oneDNN products, the fused LM-head passes, fused gated MLPs and the inverse-CDF sampler, all
+switched by ``model.fast`` (each computes what a plain path computes; tests hold them equal), and glibc's mmap
+threshold, a process setting of the command line (``malloc_mmap_threshold``)."""

@@ -16,7 +16,7 @@ buffer with ``addmm_`` instead of returning a fresh [V, H] gradient per chunk fo
 
 :class:`HeadLogProb` still takes four head products (forward, recompute, dh, dW): its backward cannot
 know g before the loss exists. :class:`HeadLoss` takes the loss itself, computes g while a chunk's logits
-exist and so needs three; the update uses it (:class:`FusedHead`, ``GRPOModule(fused_head_loss=True)``).
+exist and so needs three; the update uses it (:class:`FusedHead`, which ``model.fast`` switches on).
 
 Precision. The head products run as autocast runs ``F.linear`` (bf16 or fp16 on a GPU, or ``bf16-mixed``
 on the CPU), the softmax, logsumexp and entropy always in fp32. A backward pass that computes runs under the
@@ -259,24 +259,18 @@ def _tied_embedding(model: Any, head_weight: Tensor) -> tuple[TiedWeightGrad | N
 
 
 class FusedHead(PlainHead):
-    """The LM head's speedups: log-probs whose backward recomputes each chunk (``recompute``), and the update's
-    loss gradient taken inside the head pass (``fused_loss``: :class:`HeadLoss`, with the tied embedding's two
-    gradients in one buffer and the fused gated MLPs). Either off falls back to :class:`PlainHead`'s path."""
-
-    def __init__(self, recompute: bool = True, fused_loss: bool = True):
-        self.recompute, self.fused_loss = recompute, fused_loss
+    """The LM head's speedups (``model.fast``): log-probs whose backward recomputes each chunk
+    (:class:`HeadLogProb`), and the update's loss gradient taken inside the head pass (:class:`HeadLoss`, with
+    the tied embedding's two gradients in one buffer and the fused gated MLPs). :class:`PlainHead` computes
+    the same with autograd."""
 
     def logprobs(self, model: Any, hidden: Tensor, targets: Tensor, chunk_rows: int, temperature: float,
                  with_entropy: bool) -> Tensor | tuple[Tensor, Tensor]:
-        if not self.recompute:
-            return super().logprobs(model, hidden, targets, chunk_rows, temperature, with_entropy)
         head = causal_lm(model).get_output_embeddings()
         return head_logprobs(hidden, head.weight, targets, chunk_rows, head.bias, temperature, with_entropy)
 
     def loss(self, model: Any, ids: Tensor, attn: Tensor, P: int, group: int, loss_of: Any, chunk_rows: int,
              temperature: float, loss_scale: float) -> tuple[Tensor, Tensor, Tensor, dict]:
-        if not self.fused_loss:
-            return super().loss(model, ids, attn, P, group, loss_of, chunk_rows, temperature, loss_scale)
         head = causal_lm(model).get_output_embeddings()
         sink, embed = _tied_embedding(model, head.weight)
         with gated_mlps(model, enabled=not is_checkpointing(model)):  # a checkpoint's recompute must match

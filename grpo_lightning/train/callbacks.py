@@ -183,7 +183,7 @@ class GRPOProgressBar(TQDMProgressBar):
     def total_train_batches(self) -> int | float:
         trainer = self.trainer
         if trainer.max_steps > 0:
-            return (trainer.max_steps - trainer.global_step) // trainer.lightning_module.hparams.mu
+            return (trainer.max_steps - trainer.global_step) // trainer.lightning_module.optimization.mu
         return super().total_train_batches
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:

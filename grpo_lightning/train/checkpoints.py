@@ -20,11 +20,19 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from grpo_lightning.hf.lora import LoRA
+from grpo_lightning.hf.sharding import Sharding
 from grpo_lightning.train.atomic import atomic_file
+from grpo_lightning.train.options import GROUPS
 
-# What the project's checkpoints hold besides tensors, numbers, strings and containers: the LoRA options
-# among the hyperparameters.
-SAFE_GLOBALS = [LoRA, (LoRA, "grpo_lightning.lora.LoRA")]  # (the class, as checkpoints before the subpackages name it)
+# What the project's checkpoints hold besides tensors, numbers, strings and containers: the option groups
+# and the LoRA options among the hyperparameters.
+SAFE_GLOBALS = [
+    *GROUPS.values(), LoRA, Sharding,
+    (LoRA, "grpo_lightning.lora.LoRA"),  # (the class, as checkpoints before the subpackages name it)
+]
+# Plain data classes, safe to unpickle: allowed for Lightning's own ``weights_only`` loads too
+# (``GRPOModule.load_from_checkpoint`` of a module built in Python, whose hyperparameters hold them).
+torch.serialization.add_safe_globals(SAFE_GLOBALS)
 # The entries Lightning writes in every training checkpoint.
 REQUIRED_KEYS = ("state_dict", "global_step", "loops", "pytorch-lightning_version")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
@@ -87,8 +95,8 @@ def read_checkpoint(
     reason = _unreadable_reason(path)
     if reason is None:
         try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            # (SAFE_GLOBALS are allowed process-wide above: torch's safe_globals context would remove them on exit)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             # torch's own message advises weights_only=False, which would run whatever the file holds
             found = str(e).split("Unsupported global:")[-1].split(".")[0].strip() if "Unsupported global" in str(e) else ""

@@ -31,12 +31,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from grpo_lightning.fast.allocator import check_mmap_threshold, set_mmap_threshold
 from grpo_lightning.train.callbacks import AccuracyCallback, GRPOProgressBar, HFExport, SampleText
 from grpo_lightning.train.checkpoints import (
-    SAFE_GLOBALS, check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints,
+    check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints,
 )
 from grpo_lightning.train.data import GSM8KDataModule
 from grpo_lightning.train.guard import NonFiniteStepsError
 from grpo_lightning.train.module import GRPOModule
-from grpo_lightning.train.options import check_max_steps
+from grpo_lightning.train.options import FAST_KEYS, FLAT_KEYS, check_max_steps, nest_flat_options
 from grpo_lightning.train.preemption import Preempted, Preemption
 
 TRACEBACK_ENV = "GRPO_TRACEBACK"  # set to 1 to see the traceback of an input error
@@ -74,17 +74,18 @@ class ThreadsCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI (2.6) reads --ckpt_path's hyperparameters before anything else: with the allow-list,
-        # and with the project's message when the file is not a readable checkpoint
-        try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                super()._parse_ckpt_path()
-        except Exception:
-            subcommand = self.config.get("subcommand")
-            path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if path:
-                read_checkpoint(path)  # raises a CheckpointError that names the file and the problem
-            raise
+        """The model options that ``--ckpt_path``'s checkpoint saved, over the config's: LightningCLI's (2.6) own
+        step, with the allow-list, the project's message for a file that is not a readable checkpoint, and the
+        flat options of a checkpoint from before the option groups put into their groups."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():  # ``last`` and the like: nothing to read here
+            return
+        hparams = read_checkpoint(path).get("hyper_parameters", {})  # a CheckpointError names the file
+        hparams.pop("_instantiator", None)
+        if hparams:
+            model = nest_flat_options(hparams)
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -95,10 +96,14 @@ class ThreadsCLI(LightningCLI):
             torch.set_num_threads(threads)
 
 
-# Options that moved out of ``model``: an old config gets one message naming the new key.
+# Options that moved: an old config gets one message naming the new key. The module's flat options went
+# into groups (``model.num_generations`` → ``model.sampling.num_generations``), and its per-piece speed
+# switches into ``model.fast``.
 MOVED_KEYS = {
     "model.log_samples_every_n_steps": "samples.every_n_steps",
     "model.malloc_mmap_threshold": "malloc_mmap_threshold",
+    **{f"model.{old}": f"model.{new}" for old, new in FLAT_KEYS.items()},
+    **{f"model.{old}": "model.fast" for old in FAST_KEYS},
 }
 
 
@@ -165,7 +170,7 @@ class GRPOCLI(ThreadsCLI):
                 f"checkpoint directory {dirpath} already holds checkpoints: resume with --ckpt_path last, "
                 "or set checkpoint.dirpath to a new directory"
             )
-        check_max_steps(self.trainer.max_steps, self.model.hparams.mu)
+        check_max_steps(self.trainer.max_steps, self.model.optimization.mu)
         threshold = self.config_init[self.subcommand].get("malloc_mmap_threshold")
         if threshold is not None:
             check_mmap_threshold(threshold)

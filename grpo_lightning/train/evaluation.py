@@ -68,16 +68,16 @@ def evaluate(trainer: Any, module: Any, path: Path, description: str) -> float:
 
 
 class EvaluationMixin:
-    """Evaluation for a LightningModule with ``policy``, ``tokenizer``, a rollout ``engine`` and the generation
-    hyperparameters: the greedy completions of a batch, and the ``validate`` hooks."""
+    """Evaluation for a LightningModule with ``policy``, ``tokenizer``, a rollout ``engine`` and the ``evaluation``,
+    ``sampling`` and ``fast`` options: the greedy completions of a batch, and the ``validate`` hooks."""
 
     def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
         """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
-        hp = self.hparams
+        e = self.evaluation
         rollout = self.engine.generate(
-            self.passes, self.tokenizer, batch["prompt"], 1, hp.eval_max_new_tokens or hp.max_new_tokens,
-            generation_kwargs={"do_sample": False, **(hp.eval_generation_kwargs or {})},
-            use_model_generation_config=hp.use_model_generation_config,
+            self.passes, self.tokenizer, batch["prompt"], 1, e.max_new_tokens or self.sampling.max_new_tokens,
+            generation_kwargs={"do_sample": False, **(e.generation_kwargs or {})},
+            use_model_generation_config=self.sampling.use_model_generation_config, fast=self.fast,
         )
         return [
             {"prompt": p, "expected": e, "extracted": extract_model_answer(c), "completion": c, "correct": is_correct(c, e)}

@@ -9,7 +9,6 @@ process, counts consecutive skips (saved in the checkpoint) and stops the run af
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,24 +30,15 @@ def any_process(strategy: Any, flag: bool) -> bool:
     return bool(total.item() > 0)
 
 
-def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> Tensor:
-    """The 2-norm of all gradients together (``clip_grad_norm_``'s total norm), without clipping."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads)
-
-
 class SkipGuard:
     """Decides whether an optimizer step runs, and counts the steps skipped for a non-finite loss or norm.
 
     Args:
-        max_consecutive: Stop after this many skipped optimizer steps in a row; 0 never stops.
+        max_consecutive: Stop after this many skipped optimizer steps in a row; 0 never stops (checked as
+            ``model.optimization.max_consecutive_skips``).
     """
 
     def __init__(self, max_consecutive: int = 3):
-        if max_consecutive < 0:
-            raise ValueError(f"model.max_consecutive_skips must be 0 (never stop) or more, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.consecutive = 0  # skipped steps since the last step that ran
         self.total = 0  # every skipped step of the run
@@ -73,15 +63,12 @@ class SkipGuard:
         self.total += 1
         return False
 
-    def allow_step(self, trainer: Any, loss: Tensor, optimizer: Any, norm: Tensor | None = None) -> bool:
+    def allow_step(self, trainer: Any, loss: Tensor, norm: Tensor | None) -> bool:
         """:meth:`step_is_finite` for a trainer's optimizer step; on a skip, warn and stop after too many.
 
-        ``norm`` is the gradient norm when the caller has it (``clip_grad_norm_`` returns it); else computed here.
+        ``norm`` is the gradient norm the step clipped with, or ``None`` under an fp16 GradScaler (which skips
+        its own overflows).
         """
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            norm = None  # fp16: the scaler skips overflows itself
-        elif norm is None:
-            norm = grad_norm(p for g in optimizer.param_groups for p in g["params"])
         if self.step_is_finite(trainer.strategy, loss, norm):
             return True
         rank_zero_warn(self.message(trainer.global_step, loss, norm))
@@ -103,6 +90,6 @@ class SkipGuard:
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         raise NonFiniteStepsError(
             f"{self.consecutive} optimizer steps in a row had a non-finite loss or gradient norm "
-            f"(model.max_consecutive_skips = {self.max_consecutive}); stopped, {kept}. Lower the learning "
+            f"(model.optimization.max_consecutive_skips = {self.max_consecutive}); stopped, {kept}. Lower the learning "
             "rate, check the rewards, or train in float32 or bf16-mixed"
         )

@@ -5,7 +5,8 @@
 - The policy with its LoRA adapters switched off: the base model, which never changes, costs no second copy.
 - None at β = 0: the loss has no KL term, and no reference pass runs.
 
-Its passes need no graph, so on the CPU their fp32 products run through oneDNN (:mod:`grpo_lightning.fast.kernels`).
+Its passes need no graph, so with ``model.fast`` their fp32 CPU products run through oneDNN
+(:mod:`grpo_lightning.fast.kernels`).
 """
 
 from __future__ import annotations
@@ -37,25 +38,26 @@ def build_reference(policy: Any, beta: float, lora: Any) -> torch.nn.Module | No
 
 
 @contextlib.contextmanager
-def _base_model(policy: Any) -> Iterator[None]:
-    with adapters_off(policy), onednn_linears(causal_lm(policy)):
+def _base_model(policy: Any, fast: bool) -> Iterator[None]:
+    with adapters_off(policy), onednn_linears(causal_lm(policy)) if fast else contextlib.nullcontext():
         yield
 
 
 @torch.no_grad()
 def reference_logprobs(
-    reference: PolicyPasses | None, policy: PolicyPasses, beta: float, logprobs: Callable[[PolicyPasses, Any], Tensor]
+    reference: PolicyPasses | None, policy: PolicyPasses, beta: float, logprobs: Callable[[PolicyPasses, Any], Tensor],
+    fast: bool = True,
 ) -> Tensor | None:
     """The reference's per-token log-probs [N, C] through ``logprobs(root, inside)``; None at β = 0.
 
     ``reference`` and ``policy`` are the roots of the frozen copy and of the policy; ``inside`` is what their
-    forward enters (oneDNN products, and for the policy its adapters switched off).
+    forward enters (oneDNN products when ``fast``, and for the policy its adapters switched off).
     """
     if beta == 0:
         return None
     if reference is not None:
-        return logprobs(reference, onednn_linears(reference.model))
-    return logprobs(policy, _base_model(policy.model))
+        return logprobs(reference, onednn_linears(reference.model) if fast else None)
+    return logprobs(policy, _base_model(policy.model, fast))
 
 
 def refresh_reference(reference: torch.nn.Module | None, policy: torch.nn.Module, step: int, every: int) -> bool:

@@ -1,0 +1,110 @@
+"""``model.fast``: one switch for every speed piece of grpo_lightning/fast; on and off give the same update.
+
+The same recorded rollout (a replay engine) is trained on once with the switch on and once with it off: the
+loss, the gradient norm and the weights' change agree within float32 rounding. With the switch off, none of
+the speed pieces runs; with it on, each one does.
+
+Sampled tokens are not the same at the same seed: the inverse-CDF sampler draws one uniform per row and step,
+``generate``'s own sampling draws from ``torch.multinomial``, so the two consume the random stream differently
+(both draw from softmax(logits / T)). Greedy decoding, which draws nothing, gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from grpo_lightning.engines.generate import GenerateEngine, generate_rollout
+from grpo_lightning.engines.replay import RecordingEngine, ReplayEngine
+from grpo_lightning.fast import gated_mlp, head_loss, kernels, sampler
+from grpo_lightning.train.data import GSM8KDataModule
+from grpo_lightning.train.module import GRPOModule
+from grpo_lightning.train.options import Loss, Optimization, Sampling
+
+TINY = "builtin:tiny-arithmetic"
+
+
+@pytest.fixture
+def pieces_run(monkeypatch) -> dict[str, int]:
+    """How often each speed piece ran: the autograd Functions' forwards, the oneDNN layer, the sampler."""
+    counts = {"HeadLoss": 0, "HeadLogProb": 0, "GatedMLP": 0, "OneDNNLinear": 0, "InverseCDFSampler": 0}
+
+    def counting(name, run, static):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return run(*args, **kwargs)
+        return staticmethod(wrapper) if static else wrapper
+
+    for owner, name in ((head_loss.HeadLoss, "forward"), (head_loss.HeadLogProb, "forward"), (gated_mlp.GatedMLP, "forward")):
+        monkeypatch.setattr(owner, name, counting(owner.__name__, owner.forward, static=True))
+    monkeypatch.setattr(kernels.OneDNNLinear, "forward", counting("OneDNNLinear", kernels.OneDNNLinear.forward, False))
+    monkeypatch.setattr(sampler.InverseCDFSampler, "__call__",
+                        counting("InverseCDFSampler", sampler.InverseCDFSampler.__call__, False))
+    return counts
+
+
+def fit(engine, fast: bool) -> tuple[GRPOModule, dict[str, torch.Tensor], dict[str, float]]:
+    """One rollout step (μ = 2 updates, KL on, T = 0.8) from seed 0; the module, the weights' change and the metrics."""
+    L.seed_everything(0, verbose=False)
+    module = GRPOModule(
+        TINY, dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=16, temperature=0.8), loss=Loss(beta=0.04),
+        optimization=Optimization(mu=2), fast=fast, rollout=engine,
+        # SGD: the change is lr × the clipped gradient, so it differs as the gradients do (Adam's first step,
+        # about lr × sign(g), would turn rounding in a near-zero gradient into a difference of 2 lr)
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+    )
+    start = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
+    data = GSM8KDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, data)
+    change = {k: v.detach() - start[k] for k, v in module.policy.state_dict().items()}
+    return module, change, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+    return diff / sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
+
+
+def test_the_switch_on_and_off_give_the_same_update_on_the_same_rollout(pieces_run):
+    recorder = RecordingEngine(GenerateEngine())
+    _, fast_change, fast_metrics = fit(recorder, fast=True)
+    assert all(n > 0 for n in pieces_run.values()), pieces_run  # on: every piece ran
+    for name in pieces_run:
+        pieces_run[name] = 0
+    replay = ReplayEngine(recorder.rollouts)
+    _, plain_change, plain_metrics = fit(replay, fast=False)
+    assert replay.served == 1
+    assert not any(pieces_run.values()), pieces_run  # off: none ran (the plain head, nn.Linear, no sampler)
+    # The paths differ only in the order of float32 sums (oneDNN against torch's GEMM, the fused head's
+    # gradient against autograd's, the gated MLP's recomputed activations): about 1e-7 relative per product.
+    # The loss and the gradient are sums of advantage-weighted terms of both signs (a group's advantages sum
+    # to 0), which cancel and so magnify that rounding: measured, the weights' change differs by 5e-6
+    # (relative) after one update and 1.2e-5 after the second (which starts from the first's weights), the
+    # loss by 6e-6. 1e-4 leaves room for other machines' kernels; a real difference between the paths (a
+    # temperature applied twice, a dropped term or position) moves these by 1e-2 and more.
+    for key in ("loss", "grad_norm", "kl", "entropy"):
+        assert fast_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-4, abs=1e-7), key
+    assert relative(fast_change, plain_change) < 1e-4
+    assert max(float(c.abs().max()) for c in plain_change.values()) > 1e-4  # the step did move the weights
+
+
+def test_greedy_tokens_are_the_same_either_way_and_the_off_switch_samples_with_generate(pieces_run):
+    module = GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=2))
+    prompts, greedy = ["12+7=", "30+45="], {"do_sample": False}
+    on = generate_rollout(module.passes, module.tokenizer, prompts, 1, 12, generation_kwargs=greedy, fast=True)
+    off = generate_rollout(module.passes, module.tokenizer, prompts, 1, 12, generation_kwargs=greedy, fast=False)
+    assert torch.equal(on.input_ids, off.input_ids)
+    assert pieces_run["OneDNNLinear"] > 0 and pieces_run["InverseCDFSampler"] == 0  # greedy: no sampler
+    before = dict(pieces_run)
+    torch.manual_seed(0)
+    sampled = generate_rollout(module.passes, module.tokenizer, prompts, 2, 12, record_logprobs=True, fast=False)
+    assert pieces_run == before  # off: generate's own sampling, through nn.Linear
+    # what it drew is scored as the trainer scores it: both draw from softmax(logits / T)
+    scored = module._logprobs(module.passes, sampled)
+    mask = sampled.completion_mask.bool()
+    assert torch.allclose(sampled.sample_logprobs[mask], scored[mask], atol=1e-4)
