@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from grpo_lightning.engines.vllm import policy_weights
 from grpo_lightning.hf.sharding import local_bytes
 
 
@@ -72,6 +73,8 @@ class Probe(L.Callback):
             {
                 "initial": self.initial,
                 "params": full_weights(module.policy),
+                # what the vLLM engine would push: the Hugging Face names, each weight whole
+                "pushed": {k: v.clone() for k, v in policy_weights(module.policy)},
                 "local_bytes": self.local_bytes,
                 "allreduces": self.allreduces,
                 "syncs": self.syncs,

@@ -111,6 +111,14 @@ def test_the_export_is_one_model_equal_to_the_one_process_export(sharded, tmp_pa
     assert max((mine[k] - gathered[k]).abs().max().item() for k in mine) == 0.0
 
 
+def test_the_weights_pushed_to_vllm_are_gathered_whole(sharded):
+    for rank in ranks(sharded / "out" / "fsdp"):
+        pushed, gathered = rank["pushed"], rank["params"]
+        assert all(type(w) is torch.Tensor for w in pushed.values())  # no DTensor reaches the engine
+        assert set(pushed) == set(gathered)  # (the policy is the causal LM itself: the same names)
+        assert max((pushed[k] - gathered[k]).abs().max().item() for k in pushed) == 0.0
+
+
 def test_resuming_on_one_process_and_under_ddp(sharded, tmp_path):
     from grpo_lightning.train.checkpoints import AtomicCheckpointIO
 
@@ -118,10 +126,11 @@ def test_resuming_on_one_process_and_under_ddp(sharded, tmp_path):
     # DDP (or one process without sharding) cannot read shards: one message that says what can
     with pytest.raises(CheckpointError, match="is sharded .*ModelParallelStrategy"):
         AtomicCheckpointIO().load_checkpoint(checkpoint)
-    # one sharded process resumes the two processes' shards (they are resharded as they load), in a process
+    # one sharded process resumes the two processes' shards (they are resharded as they load), refreshing
+    # its sharded reference from the sharded policy at every step (ref_update_every 1), in a process
     # of its own: the process group it starts would outlive the run in this one
     args = [*steps(tmp_path, "alone", sharded / "rollout.pt", 6), *FSDP, "--trainer.devices", "1",
-            "--data.batch_size", "4", "--ckpt_path", str(checkpoint)]
+            "--data.batch_size", "4", "--model.optimization.ref_update_every", "1", "--ckpt_path", str(checkpoint)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "grpo_lightning.train.cli", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -135,3 +144,49 @@ def test_sharding_options_check_themselves():
     assert Sharding(param_dtype="bfloat16").mixed_precision().param_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="model.sharding.param_dtype must be one of"):
         Sharding(param_dtype="bf16")
+
+
+def test_a_strategy_and_options_that_do_not_go_together_get_one_message():
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from grpo_lightning.train.sharding import check_sharding
+
+    with pytest.raises(ValueError, match="model.sharding shards the policy with FSDP2 and needs trainer.strategy"):
+        check_sharding(Sharding(), DDPStrategy(), "32-true")
+    with pytest.raises(ValueError, match="set model.sharding"):
+        check_sharding(None, ModelParallelStrategy(), "32-true")
+    with pytest.raises(ValueError, match="trainer.precision bf16-mixed is Lightning's autocast"):
+        check_sharding(Sharding(param_dtype="bfloat16"), ModelParallelStrategy(), "bf16-mixed")
+    assert check_sharding(Sharding(), ModelParallelStrategy(), "32-true")
+    assert not check_sharding(None, DDPStrategy(), "32-true")
+
+
+class Mesh:
+    """A stand-in for Lightning's 2-D device mesh: the sizes of its two named dimensions."""
+
+    def __init__(self, data: int, tensor: int):
+        self.sizes = {"data_parallel": data, "tensor_parallel": tensor}
+        self.mesh_dim_names, self.shape = tuple(self.sizes), tuple(self.sizes.values())
+
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __getitem__(self, name: str) -> "Mesh":
+        return Mesh(self.sizes[name], 1)
+
+
+def test_all_processes_shard_over_one_dimension_and_tensor_parallelism_is_refused():
+    from grpo_lightning.train.sharding import data_mesh
+
+    # Lightning's "auto" sizes put every process of one node in the tensor-parallel dimension
+    assert data_mesh(Mesh(1, 8)).size() == 8 and data_mesh(Mesh(8, 1)).size() == 8
+    with pytest.raises(ValueError, match="tensor parallelism is not supported"):
+        data_mesh(Mesh(2, 4))
+
+
+def test_lora_with_sharding_is_refused_before_any_model_loads():
+    from grpo_lightning.hf.lora import LoRA
+    from grpo_lightning.train.module import GRPOModule
+
+    with pytest.raises(ValueError, match="model.lora cannot be combined with model.sharding"):
+        GRPOModule("no/such-model", lora=LoRA(), sharding=Sharding())
