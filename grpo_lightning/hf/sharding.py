@@ -63,15 +63,19 @@ def is_sharded(module: Any) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard(root: torch.nn.Module, mesh: Any, options: Sharding) -> None:
-    """``fully_shard`` each decoder layer of ``root.model`` (its own all-gather group), then ``root``."""
+def shard(root: torch.nn.Module, mesh: Any, options: Sharding, trains: bool = True) -> None:
+    """``fully_shard`` each decoder layer of ``root.model`` (its own all-gather group), then ``root``.
+
+    A root that ``trains`` keeps its own weights gathered from the forward to the backward; the frozen
+    reference's root, which has no backward, frees them after each pass.
+    """
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": mesh, "mp_policy": options.mixed_precision(), "reshard_after_forward": options.reshard_after_forward}
     for layer in decoder(root.model).layers:
         fully_shard(layer, **kwargs)
-    # the root's own weights (embedding = LM head, final norm) are gathered for every pass anyway
-    fully_shard(root, **{**kwargs, "reshard_after_forward": False})
+    # the root's own weights (embedding = LM head, final norm) serve the first and last step of every pass
+    fully_shard(root, **{**kwargs, "reshard_after_forward": not trains})
     root.reshard_layers = options.reshard_after_forward  # what :func:`gathered` restores
 
 

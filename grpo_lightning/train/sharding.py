@@ -76,7 +76,7 @@ def configure_sharding(module: Any) -> None:
     mesh = data_mesh(module.device_mesh)
     roots = [module.passes] + ([module.reference_passes] if module.reference is not None else [])
     for root in roots:
-        shard(root, mesh, module.sharding)
+        shard(root, mesh, module.sharding, trains=root is module.passes)
     full = full_checkpoint_state(hp.model_name_or_path, hp.dtype) if trainer.global_rank == 0 else {}
     for root in roots:
         materialize(root, full, trainer.strategy.root_device)
