@@ -16,6 +16,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from grpo_lightning.engines.vllm import policy_weights
+from grpo_lightning.hf.sharding import local_bytes
+
 
 def by_length(prompts, completions, **kwargs):
     """A reward that differs within groups: advantages are non-zero, the step moves the weights."""
@@ -51,19 +54,28 @@ class Probe(L.Callback):
             self.syncs += bucket.is_last()
             return allreduce_hook(None, bucket)
 
-        self.initial = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
+        self.initial = full_weights(module.policy)
+        self.local_bytes = {"params": local_bytes(module.policy.parameters()), "full": full_bytes(module.policy.parameters())}
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             trainer.strategy.model.register_comm_hook(None, counting_hook)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: Any, optimizer: Any) -> None:
+        self.local_bytes["grads"] = local_bytes(p.grad for p in module.policy.parameters() if p.grad is not None)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.logged.append({k: float(v) for k, v in trainer.logged_metrics.items()})
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        state = module.optimizers().optimizer.state.values()
+        self.local_bytes["adam"] = local_bytes(t for s in state for k, t in s.items() if k != "step")
         torch.save(
             {
                 "initial": self.initial,
-                "params": {k: v.detach().clone() for k, v in module.policy.state_dict().items()},
+                "params": full_weights(module.policy),
+                # what the vLLM engine would push: the Hugging Face names, each weight whole
+                "pushed": {k: v.clone() for k, v in policy_weights(module.policy)},
+                "local_bytes": self.local_bytes,
                 "allreduces": self.allreduces,
                 "syncs": self.syncs,
                 "global_step": trainer.global_step,
@@ -76,6 +88,17 @@ class Probe(L.Callback):
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
+
+
+def full_weights(model: Any) -> dict[str, torch.Tensor]:
+    """Copies of ``model``'s weights, gathered from their shards under FSDP2 (every process must call it)."""
+    from grpo_lightning.hf.sharding import full_tensor
+
+    return {k: full_tensor(v.detach()).clone() for k, v in model.state_dict().items()}
+
+
+def full_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class CudaKernelsOnly(L.Callback):
@@ -97,17 +120,27 @@ class FixedRollouts(L.Callback):
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
         from grpo_lightning.core.types import Rollout
+        from grpo_lightning.engines.replay import ReplayEngine
 
         saved = torch.load(self.path, weights_only=False)
         W, r = trainer.world_size, trainer.global_rank
         n = len(saved["completions"]) // W
         rows = slice(r * n, (r + 1) * n)
         share = Rollout(**{k: v[rows] if isinstance(v, (torch.Tensor, list)) else v for k, v in saved.items()})
-        module._rollout = lambda batch: share
+        module.engine = ReplayEngine([share] * (trainer.max_steps or 1))  # the same rows at every step
 
 
 if __name__ == "__main__":
     from grpo_lightning.train.cli import run
 
     for args in json.loads(Path(sys.argv[1]).read_text()):
+        if isinstance(args, dict):  # a config of configs/: test_configs' run, checked by rank 0
+            from test_configs import check_grpo_run, run_grpo
+
+            if args["kernels_off"]:
+                CudaKernelsOnly()
+            cli, config, overrides = run_grpo(Path(args["config"]), Path(args["tmp"]))
+            if cli.trainer.is_global_zero:
+                check_grpo_run(cli, config, overrides)
+            continue
         run(args)

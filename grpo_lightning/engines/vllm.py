@@ -29,6 +29,7 @@ import torch
 from grpo_lightning.core.importance import ImportanceSampling
 from grpo_lightning.core.types import Rollout
 from grpo_lightning.engines.base import RolloutEngine, SamplingCall, build_rollout, rng_state, set_rng_state
+from grpo_lightning.hf.sharding import full_tensor
 from grpo_lightning.hf.lora import is_lora, merged_copy
 from grpo_lightning.hf.models import causal_lm, eos_token_ids
 from grpo_lightning.hf.passes import bare_model
@@ -56,9 +57,14 @@ def sampling_options(generation_kwargs: dict[str, Any] | None, use_model_generat
 
 
 def policy_weights(policy: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's weights under their Hugging Face names, with LoRA adapters merged: what vLLM loads."""
+    """The policy's weights under their Hugging Face names, with LoRA adapters merged: what vLLM loads.
+
+    Sharded (FSDP2) weights are gathered one at a time as vLLM takes them, so no more than one full weight
+    is held beside the shards; every process gathers, in the same order (each feeds its own engine).
+    """
     model = merged_copy(policy) if is_lora(policy) else causal_lm(policy)
-    yield from model.state_dict().items()
+    for name, weight in model.state_dict().items():
+        yield name, full_tensor(weight)
 
 
 class VLLMEngine(RolloutEngine):

@@ -90,7 +90,9 @@ def onednn_linears(model: Any, packed_head_rows: int | None = None) -> Iterator[
         for parent in model.modules():
             for name, child in parent.named_children():
                 w = getattr(child, "weight", None)
-                if type(child) is torch.nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32:
+                # (a DTensor weight is a shard, gathered only inside its layer's forward: FSDP2 runs it as is)
+                plain = type(w) in (torch.Tensor, torch.nn.Parameter)
+                if type(child) is torch.nn.Linear and plain and w.device.type == "cpu" and w.dtype == torch.float32:
                     swaps.append((parent, name, child, OneDNNLinear(child, packed_head_rows if child is head else None)))
     for parent, name, _, replacement in swaps:
         setattr(parent, name, replacement)

@@ -5,6 +5,7 @@ The reference is :mod:`grpo_lightning.train.reference`; the passes over the mode
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,13 @@ from grpo_lightning.hf.lora import LoRA, add_lora
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a local directory, a hub id or ``builtin:NAME``; one clear error if none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", meta: bool = False) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer from a local directory, a hub id or ``builtin:NAME``; one clear error if none.
+
+    ``meta`` builds the model's structure only, on the meta device (no memory, no weights read), with the
+    checkpoint's generation config: a sharded run loads the weights on one process later.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from grpo_lightning.builtin.tiny import resolve_model_path
 
@@ -30,7 +35,16 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[An
         raise FileNotFoundError(f"model path {name_or_path} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+        if not meta:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+        else:
+            config = AutoConfig.from_pretrained(name_or_path)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            model.to(saved if dtype == "auto" else DTYPES[dtype])
+            with contextlib.suppress(OSError):  # (a model without generation_config.json keeps the derived one)
+                model.generation_config = GenerationConfig.from_pretrained(name_or_path)
     except OSError as e:
         raise FileNotFoundError(f"could not load model '{name_or_path}' (no such directory, and not on the hub): {e}") from e
     if tokenizer.pad_token is None:
@@ -39,10 +53,11 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[An
 
 
 def build_policy(
-    name_or_path: str, dtype: str, lora: LoRA | None, gradient_checkpointing: bool, input_require_grads: bool
+    name_or_path: str, dtype: str, lora: LoRA | None, gradient_checkpointing: bool, input_require_grads: bool,
+    meta: bool = False,
 ) -> tuple[Any, Any]:
     """The trainable policy (wrapped with LoRA adapters when asked) in train mode, and its tokenizer."""
-    policy, tokenizer = load_model_and_tokenizer(name_or_path, dtype)
+    policy, tokenizer = load_model_and_tokenizer(name_or_path, dtype, meta)
     if lora is not None:
         policy = add_lora(policy, lora)
     # from_pretrained returns eval mode and Lightning keeps the modes it finds; in eval mode gradient

@@ -24,6 +24,7 @@ from grpo_lightning.core.loss import grpo_loss
 from grpo_lightning.core.step import token_weights
 from grpo_lightning.core.types import GRPOBatch
 from grpo_lightning.hf.models import cache_argument, causal_lm, decoder, is_checkpointing
+from grpo_lightning.hf.sharding import gathered
 
 LossOf = Callable[[Tensor, int, int], tuple[Tensor, dict[str, Tensor]]]  # (logp [n, C], lo, hi) → (loss, stats)
 
@@ -129,13 +130,14 @@ class PolicyPasses(torch.nn.Module):
         (:func:`shared_prompt_cache`) and ``generate`` reads them from the repeated cache.
         """
         out = []
-        for ids, attn in chunks:
-            extra = {}
-            if share:
-                extra[cache_argument(causal_lm(self.model))] = shared_prompt_cache(
-                    self.model, ids[::share, :-1], attn[::share, :-1], share
-                )[1]
-            out.append(each(self.model.generate(input_ids=ids, attention_mask=attn, **extra, **kwargs)))
+        with gathered(self):  # sharded layers: gathered once for the rollout, not at every new token
+            for ids, attn in chunks:
+                extra = {}
+                if share:
+                    extra[cache_argument(causal_lm(self.model))] = shared_prompt_cache(
+                        self.model, ids[::share, :-1], attn[::share, :-1], share
+                    )[1]
+                out.append(each(self.model.generate(input_ids=ids, attention_mask=attn, **extra, **kwargs)))
         return out
 
     def _logprobs(self, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 2,

@@ -8,9 +8,10 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from grpo_lightning.engines.base import rng_state
+from grpo_lightning.hf.sharding import full_state_dict, is_sharded
 from grpo_lightning.hf.lora import is_lora, save_lora
 from grpo_lightning.train.atomic import atomic_dir
 from grpo_lightning.train.distributed import gather_objects, restore_rng_states
@@ -106,15 +107,20 @@ class HFExport(L.Callback):
                 "or set export.overwrite: true"
             )
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        # sharded weights are gathered first, on every process (one full copy, on process 0)
+        full = full_state_dict(module.policy) if is_sharded(module.passes) else None
+        if trainer.is_global_zero:
+            self.save(module, full)
+
+    def save(self, module: Any, state_dict: dict | None) -> None:
         assert self.path is not None
         # written beside the target and renamed into place: a crash leaves the previous export or none
         with atomic_dir(self.path) as tmp:
             if is_lora(module.policy):
                 save_lora(module.policy, module.tokenizer, tmp)
             else:
-                module.policy.save_pretrained(tmp)
+                module.policy.save_pretrained(tmp, state_dict=state_dict)
                 module.tokenizer.save_pretrained(tmp)
         if is_lora(module.policy):
             rank_zero_info(f"Saved the merged model and tokenizer to {self.path}, the LoRA adapters to {self.path / 'adapter'}")

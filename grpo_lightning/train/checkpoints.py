@@ -20,13 +20,14 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from grpo_lightning.hf.lora import LoRA
+from grpo_lightning.hf.sharding import Sharding
 from grpo_lightning.train.atomic import atomic_file
 from grpo_lightning.train.options import GROUPS
 
 # What the project's checkpoints hold besides tensors, numbers, strings and containers: the option groups
 # and the LoRA options among the hyperparameters.
 SAFE_GLOBALS = [
-    *GROUPS.values(), LoRA,
+    *GROUPS.values(), LoRA, Sharding,
     (LoRA, "grpo_lightning.lora.LoRA"),  # (the class, as checkpoints before the subpackages name it)
 ]
 # Plain data classes, safe to unpickle: allowed for Lightning's own ``weights_only`` loads too
@@ -35,6 +36,7 @@ torch.serialization.add_safe_globals(SAFE_GLOBALS)
 # The entries Lightning writes in every training checkpoint.
 REQUIRED_KEYS = ("state_dict", "global_step", "loops", "pytorch-lightning_version")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+SHARDED_META = "meta.pt"  # what ModelParallelStrategy writes beside the shards: everything but the weights
 
 
 class CheckpointError(ValueError):
@@ -43,6 +45,20 @@ class CheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, say); the previous file at that path is intact."""
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A ``ModelParallelStrategy`` checkpoint (FSDP2): a directory of per-process shards and Lightning's ``meta.pt``."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
+
+
+def sharded_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The names and shapes of a sharded checkpoint's weights (meta tensors: nothing is read but its index)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    index = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    return {k[len(prefix):]: torch.empty(v.size, device="meta") for k, v in index.items() if k.startswith(prefix)}
 
 
 def _unreadable_reason(path: Path) -> str | None:
@@ -60,13 +76,22 @@ def _unreadable_reason(path: Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+def read_checkpoint(
+    path: str | Path, map_location: Any = "cpu", mmap: bool = False, required: tuple[str, ...] = REQUIRED_KEYS
+) -> dict[str, Any]:
     """The checkpoint at ``path``, loaded with ``weights_only=True``; :class:`CheckpointError` if it is not one.
 
     ``mmap`` maps the tensors instead of reading them: enough to check names and shapes without a second
-    copy of a large checkpoint in memory.
+    copy of a large checkpoint in memory. A sharded checkpoint (a directory) gives its weights as meta
+    tensors: their names and shapes.
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):  # the weights' index, and the rest of the checkpoint from meta.pt
+        meta = read_checkpoint(path / SHARDED_META, map_location, mmap, required=REQUIRED_KEYS[1:])
+        try:
+            return {**meta, "state_dict": sharded_weights(path)}
+        except Exception as e:  # (DCP raises its own types for a missing or cut index)
+            raise CheckpointError(f"checkpoint {path} is a sharded checkpoint whose index cannot be read ({e})") from e
     reason = _unreadable_reason(path)
     if reason is None:
         try:
@@ -81,7 +106,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
             )
         except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
             reason = f"is truncated or corrupt ({str(e).splitlines()[0]})"
-    if reason is None and not (isinstance(checkpoint, dict) and all(k in checkpoint for k in REQUIRED_KEYS)):
+    if reason is None and not (isinstance(checkpoint, dict) and all(k in checkpoint for k in required)):
         reason = "is a torch file but not a training checkpoint (no state_dict, global_step and loops)"
     if reason is not None:
         raise CheckpointError(f"checkpoint {path} {reason}")
@@ -110,7 +135,7 @@ def check_same_model(checkpoint: dict[str, Any], state_dict: dict[str, torch.Ten
 
 def last_checkpoint(dirpath: str | Path) -> Path | None:
     """The newest ``last*.ckpt`` in ``dirpath``: the file Lightning's ``ckpt_path="last"`` picks."""
-    candidates = [p for p in Path(dirpath).glob("last*.ckpt") if p.is_file()]
+    candidates = [p for p in Path(dirpath).glob("last*.ckpt") if p.is_file() or is_sharded_checkpoint(p)]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
@@ -168,6 +193,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from e
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if is_sharded_checkpoint(path):
+            raise CheckpointError(
+                f"checkpoint {path} is sharded (FSDP2, one file per process): resume it with trainer.strategy "
+                "ModelParallelStrategy and model.sharding, on any number of processes"
+            )
         return read_checkpoint(path, map_location=map_location or "cpu")
 
 

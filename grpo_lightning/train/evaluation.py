@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from grpo_lightning.builtin.answer_format import extract_model_answer
 from grpo_lightning.builtin.gsm8k import is_correct
+from grpo_lightning.hf.sharding import is_sharded
 from grpo_lightning.train.distributed import gather_objects, interleave
 
 
@@ -53,11 +54,14 @@ def evaluate(trainer: Any, module: Any, path: Path, description: str) -> float:
     """
     datamodule = trainer.datamodule
     datamodule.setup("validate")
-    evaluation = Evaluation(module.device)
-    for batch in tqdm(datamodule.val_dataloader(), desc=description, disable=not trainer.is_global_zero):
+    evaluation, loader = Evaluation(module.device), datamodule.val_dataloader()
+    most, done, batch = most_batches(module, len(loader)), 0, None
+    for batch in tqdm(loader, desc=description, disable=not trainer.is_global_zero):
         # under the trainer's precision (autocast for bf16-mixed), as Lightning runs validate and the training samples
         with trainer.precision_plugin.val_step_context():
             evaluation.step(module, batch)
+        done += 1
+    run_missing_batches(module, most - done, batch)
     accuracy = evaluation.accuracy.compute().item()
     evaluation.write(trainer.strategy, path, trainer.is_global_zero)
     return accuracy
@@ -82,18 +86,41 @@ class EvaluationMixin:
 
     def on_validation_epoch_start(self) -> None:
         self.val_evaluation = Evaluation(self.device)
+        loaders = self.trainer.val_dataloaders
+        self.val_missing = most_batches(self, len(loaders[0] if isinstance(loaders, list) else loaders))
         # a metric that Lightning logs must be an attribute of the module; it computes it at the epoch's end
         self.val_accuracy = self.val_evaluation.accuracy
 
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         rows = self.val_evaluation.step(self, batch)
+        self.val_missing, self.val_last = self.val_missing - 1, batch
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=len(rows))
 
     def on_validation_epoch_end(self) -> None:
+        run_missing_batches(self, self.val_missing, getattr(self, "val_last", None))
         log_dir = self.trainer.log_dir
         if log_dir is not None:
             self.val_evaluation.write(self.trainer.strategy, Path(log_dir) / "validate_examples.jsonl",
                                       self.trainer.is_global_zero)
+
+
+def most_batches(module: Any, mine: int) -> int:
+    """The most evaluation batches any process has: a collective when the policy is sharded, else ``mine``.
+
+    Under FSDP2 each pass gathers weights from every process, so all must run the same number of passes; the
+    examples split unevenly (no repeats), and a process with fewer batches would leave the others waiting.
+    """
+    if not is_sharded(module.passes):
+        return mine
+    most = torch.tensor(mine, device=module.device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most)
+
+
+def run_missing_batches(module: Any, missing: int, last_batch: dict[str, list[str]] | None) -> None:
+    """Run ``last_batch`` again ``missing`` times, results dropped: this process's share of the others' passes."""
+    for _ in range(missing):
+        module.evaluate_batch(last_batch or {"prompt": [""], "expected": [""]})
 
 
 def correct_counts(rows: list[dict], device: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from grpo_lightning.fast.head_loss import FusedHead
 from grpo_lightning.hf.lora import LoRA
 from grpo_lightning.hf.models import build_policy
 from grpo_lightning.hf.passes import PlainHead, PolicyPasses, held_root
+from grpo_lightning.hf.sharding import Sharding, gradient_sync
 from grpo_lightning.train.callbacks import RandomStates, SampleText
 from grpo_lightning.train.distributed import (
     gather_rows, gradient_scale, no_backward_sync, seed_this_process, sum_over_processes, synchronize,
@@ -39,6 +40,7 @@ from grpo_lightning.train.options import (
 )
 from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
 from grpo_lightning.train.preemption import at_stage_end
+from grpo_lightning.train.sharding import configure_sharding
 from grpo_lightning.train.reference import build_reference, reference_logprobs, refresh_reference
 from grpo_lightning.engines.mixin import RolloutMixin
 
@@ -64,6 +66,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
         rollout: The rollout engine, a class path with ``init_args`` (:mod:`grpo_lightning.engines`, docs/vllm.md).
+        sharding: Shard the policy and the reference with FSDP2 (:mod:`grpo_lightning.train.sharding`; with
+            ``trainer.strategy: ModelParallelStrategy``, docs/several-gpus.md); ``None`` for one copy per process.
     """
 
     def __init__(
@@ -80,19 +84,25 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lora: LoRA | None = None,
         rollout: RolloutEngine | None = None,
+        sharding: Sharding | None = None,
     ):
         super().__init__()
+        sharding = Sharding(**sharding) if isinstance(sharding, dict) else sharding  # (`sharding: {}` in YAML)
         check_across_groups(sampling, memory, optimization, loss, lora)
+        if sharding is not None and lora is not None:
+            raise ValueError("model.lora cannot be combined with model.sharding: LoRA with FSDP2 is not supported yet")
         # imported now: a wrong path fails before any model loads
         self.reward_funcs = load_reward_funcs(loss.reward_funcs, loss.reward_weights)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rollout"])
         # The options themselves: under the command line the saved hyperparameters are the config's plain dicts.
         self.sampling, self.loss, self.optimization = sampling, loss, optimization
-        self.memory, self.evaluation, self.fast = memory, evaluation, fast
+        self.memory, self.evaluation, self.fast, self.sharding = memory, evaluation, fast, sharding
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        # sharded: the structure only, on the meta device; process 0 reads the weights in configure_model
         self.policy, self.tokenizer = build_policy(
-            model_name_or_path, dtype, lora, memory.gradient_checkpointing, memory.input_require_grads
+            model_name_or_path, dtype, lora, memory.gradient_checkpointing, memory.input_require_grads,
+            meta=sharding is not None,
         )
         self.reference = build_reference(self.policy, loss.beta, lora)
         self.head = FusedHead() if fast else PlainHead()  # how the passes run the LM head
@@ -122,6 +132,9 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         # After the precision plugin has cast the weights (bf16-true does) and the optimizer exists.
         if message := rounding_warning(self.optimizers().param_groups):
             rank_zero_warn(message)
+
+    def configure_model(self) -> None:
+        configure_sharding(self)  # FSDP2 under ModelParallelStrategy; nothing for DDP or one process
 
     def setup(self, stage: str) -> None:
         # Before a checkpoint's random states are restored: every process samples from its own stream.
@@ -159,6 +172,10 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         """The root through which every pass over the policy runs (:mod:`grpo_lightning.hf.passes`)."""
         return held_root(self, "_policy_passes", self.policy, self.head)
 
+    @property
+    def reference_passes(self) -> PolicyPasses | None:
+        return held_root(self, "_reference_passes", self.reference, self.head)
+
     def _logprobs(self, root: PolicyPasses, rollout: Rollout, inside: Any = None) -> torch.Tensor:
         s = self.sampling
         return root(
@@ -168,9 +185,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         )
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
-        reference = held_root(self, "_reference_passes", self.reference, self.head)
         return reference_logprobs(
-            reference, self.passes, self.loss.beta, lambda root, inside: self._logprobs(root, rollout, inside),
+            self.reference_passes, self.passes, self.loss.beta, lambda root, inside: self._logprobs(root, rollout, inside),
             fast=self.fast,
         )
 
@@ -239,7 +255,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             totals = {}
             for start in range(0, n, per):
                 rows = slice(start, start + per)
-                with no_backward_sync(self._strategy, enabled=start + per < n):
+                last = start + per >= n  # the chunk whose backward reduces the accumulated gradients
+                with no_backward_sync(self._strategy, enabled=not last), gradient_sync(self.passes, last):
                     logp, entropy, loss, stats = self._rows_loss(data, rows, None if update == 0 else old_logp)
                     if update == 0 and old_logp is not None:
                         old_logp[rows] = logp.detach()

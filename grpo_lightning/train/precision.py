@@ -95,4 +95,9 @@ def clip_grad_norm(params: list[Tensor], max_norm: float, root: Any = None) -> T
 
     if isinstance(root, FullyShardedDataParallel):
         return root.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=None)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=None)
+    if hasattr(norm, "full_tensor"):  # FSDP2: the norm of DTensor shards is a DTensor; its value is every shard's
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
+    return norm
