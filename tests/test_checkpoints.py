@@ -163,7 +163,7 @@ def test_atomic_checkpoint_io_reads_what_it_writes(tmp_path):
 class HalfExport:
     """A policy whose export runs out of space half-way through writing its weights."""
 
-    def save_pretrained(self, path: Path) -> None:
+    def save_pretrained(self, path: Path, state_dict: dict | None = None) -> None:
         (Path(path) / "model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -178,7 +178,7 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path):
     export.path.mkdir()
     (export.path / "config.json").write_text("the previous export")
     with pytest.raises(OSError, match="No space left"):
-        export.on_train_end(None, SimpleNamespace(policy=HalfExport(), tokenizer=None))
+        export.save(SimpleNamespace(policy=HalfExport(), tokenizer=None), None)
     assert os.listdir(tmp_path) == ["hf_model"] and os.listdir(export.path) == ["config.json"]
     assert (export.path / "config.json").read_text() == "the previous export"
 
