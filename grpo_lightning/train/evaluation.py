@@ -86,8 +86,10 @@ class EvaluationMixin:
 
     def on_validation_epoch_start(self) -> None:
         self.val_evaluation = Evaluation(self.device)
-        loaders = self.trainer.val_dataloaders
-        self.val_missing = most_batches(self, len(loaders[0] if isinstance(loaders, list) else loaders))
+        self.val_missing = 0  # batches still to run so that this process runs as many as any (sharded only)
+        if is_sharded(getattr(self, "passes", None)):
+            loaders = self.trainer.val_dataloaders
+            self.val_missing = most_batches(self, len(loaders[0] if isinstance(loaders, list) else loaders))
         # a metric that Lightning logs must be an attribute of the module; it computes it at the epoch's end
         self.val_accuracy = self.val_evaluation.accuracy
 
@@ -110,7 +112,7 @@ def most_batches(module: Any, mine: int) -> int:
     Under FSDP2 each pass gathers weights from every process, so all must run the same number of passes; the
     examples split unevenly (no repeats), and a process with fewer batches would leave the others waiting.
     """
-    if not is_sharded(module.passes):
+    if not is_sharded(getattr(module, "passes", None)):
         return mine
     most = torch.tensor(mine, device=module.device)
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)

@@ -70,6 +70,8 @@ def configure_sharding(module: Any) -> None:
     Process 0 reads the checkpoint; every process then receives its shards. A second call (``validate``
     after ``fit``) finds the roots sharded and does nothing.
     """
+    if module._trainer is None:  # (load_from_checkpoint calls the hook too: sharding waits for a trainer)
+        return
     hp, trainer = module.hparams, module.trainer
     if not check_sharding(module.sharding, trainer.strategy, trainer.precision) or is_sharded(module.passes):
         return
