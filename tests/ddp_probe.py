@@ -17,7 +17,6 @@ import lightning as L
 import torch
 
 from grpo_lightning.engines.vllm import policy_weights
-from grpo_lightning.hf.sharding import local_bytes
 
 
 def by_length(prompts, completions, **kwargs):
@@ -95,6 +94,12 @@ def full_weights(model: Any) -> dict[str, torch.Tensor]:
     from grpo_lightning.hf.sharding import full_tensor
 
     return {k: full_tensor(v.detach()).clone() for k, v in model.state_dict().items()}
+
+
+def local_bytes(tensors: Any) -> int:
+    """Bytes this process holds of ``tensors``: the local shard of a DTensor, all of a plain tensor."""
+    locals_ = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in locals_)
 
 
 def full_bytes(tensors: Any) -> int:

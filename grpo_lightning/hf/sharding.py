@@ -142,11 +142,3 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-
-def local_bytes(tensors: Any) -> int:
-    """Bytes this process holds of ``tensors``: the local shard of a DTensor, all of a plain tensor."""
-    total = 0
-    for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        total += local.numel() * local.element_size()
-    return total

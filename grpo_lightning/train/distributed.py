@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from grpo_lightning.engines.base import rng_state, set_rng_state  # noqa: F401 (re-exported)
+from grpo_lightning.hf.sharding import gradient_sync, is_sharded
 
 
 def world_size(strategy: Any) -> int:
@@ -44,12 +45,17 @@ def gradient_scale(strategy: Any) -> int:
 
 
 @contextmanager
-def no_backward_sync(strategy: Any, enabled: bool = True) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce in the backward passes inside (Lightning's ``block_backward_sync``).
+def no_backward_sync(strategy: Any, enabled: bool = True, root: Any = None) -> Iterator[None]:
+    """Skip the gradient reduction in the backward passes inside: DDP's all-reduce (Lightning's
+    ``block_backward_sync``), or FSDP2's reduce-scatter when ``root`` (the policy's pass root) is sharded.
 
-    Gradients accumulate locally; the next backward outside the block all-reduces the accumulated sum, so an
-    optimizer step costs one all-reduce however many chunks it has. A no-op with one process.
+    Gradients accumulate locally; the next backward outside the block reduces the accumulated sum, so an
+    optimizer step costs one reduction however many chunks it has. A no-op with one process.
     """
+    if is_sharded(root):
+        with gradient_sync(root, not enabled):
+            yield
+        return
     block = getattr(strategy, "block_backward_sync", None)
     if not enabled or block is None or world_size(strategy) == 1:
         yield

@@ -1,4 +1,4 @@
-"""Greedy accuracy of the policy on the evaluation set: one :class:`Evaluation` step scores every batch.
+"""Greedy accuracy of the policy on the evaluation set: one :class:`EvaluationRun` step scores every batch.
 
 Two loops run that step. :func:`evaluate` is the accuracy callback's, before and after training: it runs
 inside ``fit``, where Lightning cannot start a validation loop of its own, so it iterates the data
@@ -24,7 +24,7 @@ from grpo_lightning.hf.sharding import is_sharded
 from grpo_lightning.train.distributed import gather_objects, interleave
 
 
-class Evaluation:
+class EvaluationRun:
     """One evaluation on this process: the rows it scored and their accuracy.
 
     ``accuracy`` is a ``BinaryAccuracy``: computing it sums the counts of every process, the accuracy of
@@ -54,7 +54,7 @@ def evaluate(trainer: Any, module: Any, path: Path, description: str) -> float:
     """
     datamodule = trainer.datamodule
     datamodule.setup("validate")
-    evaluation, loader = Evaluation(module.device), datamodule.val_dataloader()
+    evaluation, loader = EvaluationRun(module.device), datamodule.val_dataloader()
     most, done, batch = most_batches(module, len(loader)), 0, None
     for batch in tqdm(loader, desc=description, disable=not trainer.is_global_zero):
         # under the trainer's precision (autocast for bf16-mixed), as Lightning runs validate and the training samples
@@ -85,7 +85,7 @@ class EvaluationMixin:
         ]
 
     def on_validation_epoch_start(self) -> None:
-        self.val_evaluation = Evaluation(self.device)
+        self.val_evaluation = EvaluationRun(self.device)
         self.val_missing = 0  # batches still to run so that this process runs as many as any (sharded only)
         if is_sharded(getattr(self, "passes", None)):
             loaders = self.trainer.val_dataloaders

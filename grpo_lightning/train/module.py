@@ -28,7 +28,7 @@ from grpo_lightning.fast.head_loss import FusedHead
 from grpo_lightning.hf.lora import LoRA
 from grpo_lightning.hf.models import build_policy
 from grpo_lightning.hf.passes import PlainHead, PolicyPasses, held_root
-from grpo_lightning.hf.sharding import Sharding, gradient_sync
+from grpo_lightning.hf.sharding import Sharding
 from grpo_lightning.train.callbacks import RandomStates, SampleText
 from grpo_lightning.train.distributed import (
     gather_rows, gradient_scale, no_backward_sync, seed_this_process, sum_over_processes, synchronize,
@@ -256,7 +256,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             for start in range(0, n, per):
                 rows = slice(start, start + per)
                 last = start + per >= n  # the chunk whose backward reduces the accumulated gradients
-                with no_backward_sync(self._strategy, enabled=not last), gradient_sync(self.passes, last):
+                with no_backward_sync(self._strategy, enabled=not last, root=self.passes):
                     logp, entropy, loss, stats = self._rows_loss(data, rows, None if update == 0 else old_logp)
                     if update == 0 and old_logp is not None:
                         old_logp[rows] = logp.detach()
