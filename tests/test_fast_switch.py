@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 
+from grpo_lightning.engines import generate
 from grpo_lightning.engines.generate import GenerateEngine, generate_rollout
 from grpo_lightning.engines.replay import RecordingEngine, ReplayEngine
 from grpo_lightning.fast import gated_mlp, head_loss, kernels, sampler
@@ -27,8 +28,9 @@ TINY = "builtin:tiny-arithmetic"
 
 @pytest.fixture
 def pieces_run(monkeypatch) -> dict[str, int]:
-    """How often each speed piece ran: the autograd Functions' forwards, the oneDNN layer, the sampler."""
-    counts = {"HeadLoss": 0, "HeadLogProb": 0, "GatedMLP": 0, "OneDNNLinear": 0, "InverseCDFSampler": 0}
+    """How often each speed piece ran: the autograd Functions' forwards, the oneDNN layer, the sampler, the
+    decoding buffers kept in the heap."""
+    counts = {"HeadLoss": 0, "HeadLogProb": 0, "GatedMLP": 0, "OneDNNLinear": 0, "InverseCDFSampler": 0, "heap_kept": 0}
 
     def counting(name, run, static):
         def wrapper(*args, **kwargs):
@@ -41,6 +43,7 @@ def pieces_run(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(kernels.OneDNNLinear, "forward", counting("OneDNNLinear", kernels.OneDNNLinear.forward, False))
     monkeypatch.setattr(sampler.InverseCDFSampler, "__call__",
                         counting("InverseCDFSampler", sampler.InverseCDFSampler.__call__, False))
+    monkeypatch.setattr(generate, "heap_kept", counting("heap_kept", generate.heap_kept, False))
     return counts
 
 

@@ -21,6 +21,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from grpo_lightning.core.types import Rollout
 from grpo_lightning.engines.base import RolloutEngine, SamplingCall, build_rollout
+from grpo_lightning.fast.allocator import heap_kept
 from grpo_lightning.fast.kernels import onednn_linears
 from grpo_lightning.fast.sampler import InverseCDFSampler
 from grpo_lightning.hf.models import causal_lm, eos_token_ids, is_checkpointing, set_checkpointing
@@ -106,8 +107,8 @@ def generate_rollout(
     seed's behaviour: Qwen2.5-Instruct's top-k, top-p and repetition penalty). ``generation_kwargs`` are
     passed on last (e.g. ``{"do_sample": False}``, ``{"min_new_tokens": 64}``).
     ``rows_per_call`` bounds the rows of one ``generate`` call (memory).
-    With ``fast``, plain softmax(logits / T) sampling runs through :class:`InverseCDFSampler` and the fp32 CPU
-    products through oneDNN; without it, or with an option that reshapes the distribution
+    With ``fast``, plain softmax(logits / T) sampling runs through :class:`InverseCDFSampler`, the fp32 CPU
+    products through oneDNN, and the decoding steps' buffers stay in the heap (:func:`heap_kept`); without it, or with an option that reshapes the distribution
     (:func:`reshapes_distribution`), ``generate`` samples itself (softmax(logits / T) all the same: its
     top-k and top-p are switched off) through plain ``nn.Linear`` layers.
     ``record_logprobs`` keeps the log-prob of each sampled token under the distribution the sampler drew
@@ -149,7 +150,10 @@ def generate_rollout(
     chunks = [(prompt_ids[s : s + rows], prompt_mask[s : s + rows]) for s in range(0, N, rows)]
     # prefill all but the last prompt token once per prompt; generate reads the rest from the cache
     share = num_generations if share_prompt and P > 1 and can_share_prompt(model, num_generations) else 0
-    with sampling_mode(model, rows, kernels=False), generation_config(model, use_model_generation_config):
+    # each new token allocates and frees a few [rows, V] fp32 buffers: on the CPU they stay in the heap meanwhile
+    step_buffers = rows * causal_lm(model).config.vocab_size * 4 + (1 << 20)
+    heap = heap_kept(step_buffers) if fast and device.type == "cpu" else contextlib.nullcontext()
+    with sampling_mode(model, rows, kernels=False), generation_config(model, use_model_generation_config), heap:
         pieces = passes(
             "generate", chunks, share, record, inside=onednn_linears(causal_lm(model), packed_head_rows=rows) if fast else None,
             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,

@@ -22,8 +22,9 @@ class InverseCDFSampler(LogitsProcessor):
         self.temperature, self.record, self.logprobs = temperature, record, []
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # [rows, V]
-        cdf = logp.exp().cumsum_(-1)
+        z = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature  # (x / 1 is x)
+        logp = torch.log_softmax(z, dim=-1)  # [rows, V]
+        cdf = (logp.exp() if self.record else logp.exp_()).cumsum_(-1)  # in place unless logp is kept
         u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # [rows, 1], below the total mass
         # the first index whose cumulative mass exceeds u: tokens of probability 0 are never drawn
         tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
