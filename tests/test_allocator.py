@@ -55,7 +55,8 @@ print(inside, mapped_by_4_mib())
 
 @pytest.mark.skipif(allocator.mapped_bytes() is None, reason="needs Linux with glibc")
 def test_heap_kept_serves_a_rollouts_buffers_from_the_heap_and_puts_the_fixed_threshold_back():
-    inside, after = map(int, subprocess.run([sys.executable, "-c", KEPT], capture_output=True, text=True, check=True).stdout.split())
+    out = subprocess.run([sys.executable, "-c", KEPT], capture_output=True, text=True, check=True).stdout
+    inside, after = map(int, out.split())
     assert inside == 0  # from the heap: no page of it mapped
     assert after >= 4 * 2**20  # the 1 MiB threshold is back: mapped, unmapped on free
 

@@ -108,9 +108,10 @@ def generate_rollout(
     passed on last (e.g. ``{"do_sample": False}``, ``{"min_new_tokens": 64}``).
     ``rows_per_call`` bounds the rows of one ``generate`` call (memory).
     With ``fast``, plain softmax(logits / T) sampling runs through :class:`InverseCDFSampler`, the fp32 CPU
-    products through oneDNN, and the decoding steps' buffers stay in the heap (:func:`heap_kept`); without it, or with an option that reshapes the distribution
-    (:func:`reshapes_distribution`), ``generate`` samples itself (softmax(logits / T) all the same: its
-    top-k and top-p are switched off) through plain ``nn.Linear`` layers.
+    products through oneDNN, and the decoding steps' buffers stay in the heap (:func:`heap_kept`); without
+    it, or with an option that reshapes the distribution (:func:`reshapes_distribution`), ``generate``
+    samples itself (softmax(logits / T) all the same: its top-k and top-p are switched off) through plain
+    ``nn.Linear`` layers.
     ``record_logprobs`` keeps the log-prob of each sampled token under the distribution the sampler drew
     it from (on ``generate``'s own path from its processed scores, [rows, C, V] per call: meant for checks).
     ``share_prompt`` prefills each prompt once and repeats its KV cache for its G samples.
@@ -151,7 +152,7 @@ def generate_rollout(
     # prefill all but the last prompt token once per prompt; generate reads the rest from the cache
     share = num_generations if share_prompt and P > 1 and can_share_prompt(model, num_generations) else 0
     # each new token allocates and frees a few [rows, V] fp32 buffers: on the CPU they stay in the heap meanwhile
-    step_buffers = rows * causal_lm(model).config.vocab_size * 4 + (1 << 20)
+    step_buffers = rows * causal_lm(model).get_output_embeddings().weight.shape[0] * 4 + (1 << 20)  # (+ room)
     heap = heap_kept(step_buffers) if fast and device.type == "cpu" else contextlib.nullcontext()
     with sampling_mode(model, rows, kernels=False), generation_config(model, use_model_generation_config), heap:
         pieces = passes(
