@@ -7,6 +7,7 @@ nothing outside the repository.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,14 @@ def fixed_update_batch(module, prompts=("Natalia sold clips.", "Weng earns $12."
                      frac_reward_zero_std=torch.zeros(()), ref_logp=torch.randn(N, C, generator=g) * 0.1 - 4)
     old = torch.randn(N, C, generator=g) * 0.1 - 4  # log-probs near −4, ratios near 1 with some clipped
     return data, old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cli_arguments_are_only_the_tests():
+    """The tests call the command line's ``run(args)`` in this process: without pytest's own arguments in
+    ``sys.argv``, Lightning's CLI sees a program run with exactly ``args`` (and warns of nothing). Session-wide,
+    so that module fixtures which run the command line see it too."""
+    given = sys.argv
+    sys.argv = given[:1]
+    yield
+    sys.argv = given

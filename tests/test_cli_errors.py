@@ -118,6 +118,7 @@ def cli_subprocess(args: list[str], **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_shell_sees_status_2_and_the_traceback_only_when_asked(tmp_path, tiny_model_dir, gsm8k_dir):
     config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "shell"))
     args = ["fit", "--config", config, *QUIET, "--model.sampling.num_generations", "1"]

@@ -169,6 +169,7 @@ def needs_extra(config_path: Path) -> str | None:
     return "vllm" if "grpo_lightning.engines.vllm" in config_path.read_text() else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_path", [c for c in CONFIGS if not is_warmup(c)], ids=lambda p: p.name)
 def test_config_runs_two_steps(config_path, tmp_path, monkeypatch):
     if needs_extra(config_path):
@@ -182,6 +183,7 @@ def test_config_runs_two_steps(config_path, tmp_path, monkeypatch):
 
 
 # (not the sharded ones: oneDNN steps aside for sharded weights, and their bf16 products are not fp32 anyway)
+@pytest.mark.slow
 @pytest.mark.parametrize("config_path", [c for c in GPU_CONFIGS if not is_sharded(yaml.safe_load(c.read_text()))], ids=lambda p: p.name)
 def test_gpu_config_runs_with_the_onednn_kernels_on(config_path, tmp_path):
     # bf16-mixed on the CPU with oneDNN present: its kernels must step aside for autocast's products
@@ -190,6 +192,7 @@ def test_gpu_config_runs_with_the_onednn_kernels_on(config_path, tmp_path):
     check_grpo_run(cli, config, overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_path", [c for c in CONFIGS if is_warmup(c)], ids=lambda p: p.name)
 def test_warmup_config_runs_two_steps(config_path, tmp_path):
     config = yaml.safe_load(config_path.read_text())

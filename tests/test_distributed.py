@@ -92,6 +92,7 @@ def trained(tmp_path_factory) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_ranks_agree_bit_for_bit(trained):
     # μ = 2 and rows_per_update 4 of a process's 8 rows: two accumulation chunks per optimizer step
     zero, one = ranks(trained / "out" / "full")
@@ -99,6 +100,7 @@ def test_ranks_agree_bit_for_bit(trained):
     assert largest_difference(zero["params"], one["params"]) == 0.0
 
 
+@pytest.mark.slow
 def test_one_gradient_all_reduce_per_optimizer_step(trained):
     zero, one = ranks(trained / "out" / "full")
     # 8 optimizer steps of 2 chunks each: without no-sync chunks DDP would reduce gradients 16 times
@@ -108,6 +110,7 @@ def test_one_gradient_all_reduce_per_optimizer_step(trained):
     assert zero["allreduces"] == one["allreduces"] <= 2 * 8
 
 
+@pytest.mark.slow
 def test_resumed_run_is_bit_identical_on_every_rank(trained):
     full, part, resumed = (ranks(trained / "out" / name) for name in ("full", "part", "resumed"))
     assert [r["global_step"] for r in part] == [4, 4] and [r["global_step"] for r in resumed] == [8, 8]
@@ -123,6 +126,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_evaluation_is_sharded_exactly(trained, tmp_path):
     """Each example once; the accuracy equals that of one process evaluating the same model on the same examples."""
     log_dir = trained / "full" / "lightning_logs" / "version_0"
@@ -194,6 +198,7 @@ def fixed(tmp_path_factory) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_processes_update_as_one_over_all_rows(fixed, tmp_path, variant):
     # one process holding all 16 rows (4 prompts per step)

@@ -174,6 +174,7 @@ def test_malloc_threshold_applies_on_the_cpu_only(device, expected, monkeypatch)
     assert applied == expected
 
 
+@pytest.mark.slow
 def test_gpu_config_runs_as_ddp_on_two_processes(tmp_path):
     from test_distributed import largest_difference, launch, probe, ranks
 

@@ -74,8 +74,11 @@ def test_a_non_finite_step_changes_nothing(tmp_path, tiny_model_dir, gsm8k_dir):
 
 def test_k_consecutive_skips_stop_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, gsm8k_dir):
     config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "k", optimization={"mu": 1, "max_consecutive_skips": 2})
-    with pytest.raises(NonFiniteStepsError, match=r"2 optimizer steps in a row .* the last good checkpoint is .*last\.ckpt"):
+    stop = pytest.raises(NonFiniteStepsError, match=r"2 optimizer steps in a row .* the last good checkpoint is .*last\.ckpt")
+    with pytest.warns(UserWarning, match=r"optimizer step 1 skipped: loss nan") as warned, stop:
         run(["fit", "--config", str(config), "--trainer.max_steps", "4", *QUIET, *breaking(1, "nan")])
+    skips = [str(w.message) for w in warned if "skipped" in str(w.message)]
+    assert [f"{n} in a row, {n} in all" in s for n, s in enumerate(skips, 1)] == [True, True], skips
     kept = torch.load(tmp_path / "k" / "ckpt" / "last.ckpt", weights_only=True)
     assert kept["global_step"] == 1 and kept["skip_guard"] == {"consecutive": 0, "total": 0}
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())

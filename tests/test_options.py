@@ -1,5 +1,7 @@
 """The GRPO options through the real training loop: loss types, reward functions, metrics."""
 
+import math
+
 import pytest
 from test_train import make_config, scalars
 from transformers import AutoModelForCausalLM
@@ -38,9 +40,14 @@ def test_options_train_and_log_their_metrics(tmp_path, tiny_model_dir, gsm8k_dir
                 "clip_fraction/low", "clip_fraction/high"):
         assert len(logged[tag]) == 2, tag
     assert "reward/correctness" not in logged  # only the configured functions are called
-    # token statistics count the tokens the loss sees: with truncated completions masked out, maybe none
-    assert all(e >= 0 for e in logged["entropy"])
-    assert all(0 <= f <= 1 for f in logged["frac_reward_zero_std"])
+    # The entropy is a mean over the tokens the loss sees: with truncated completions masked out, a step whose
+    # every completion was cut off has none (0); otherwise, sampled at T = 1 from a model far from certain, it
+    # lies between 0 and the uniform distribution's ln V. A step's two prompts make the fraction of groups
+    # whose rewards all agree 0, 1/2 or 1.
+    V = AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size
+    for entropy, truncated in zip(logged["entropy"], logged["completion/truncated_fraction"]):
+        assert entropy == 0 if truncated == 1 else 0.05 < entropy <= math.log(V), (entropy, truncated, V)
+    assert all(2 * f == int(2 * f) for f in logged["frac_reward_zero_std"]), logged["frac_reward_zero_std"]
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])

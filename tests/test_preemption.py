@@ -106,6 +106,7 @@ def stopped_subprocess(tmp: Path, config: Path, stage: str) -> tuple[int, str]:
     return process.returncode, stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, steps_done", [("sampling", 1), ("update", 2)])
 def test_sigterm_stops_with_a_checkpoint_that_resumes_exactly(setup, stage, steps_done):
     tmp, config, full = setup
@@ -185,6 +186,7 @@ def test_restore_rng_states_takes_this_process_state_and_warns_on_another_count(
     assert "random states of 1 processes, this run has 2" in restore_rng_states(state, rank=0, world=2)
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_when_one_is_signalled(tmp_path):
     """Process 1 alone gets SIGTERM while sampling step 1: both stop there, one checkpoint holds both states."""
     from test_distributed import DDP, config

@@ -6,6 +6,7 @@ with a small evaluation set so that it fits a CI budget (about a minute on two C
 
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from grpo_lightning.train.cli import run
@@ -14,6 +15,7 @@ CONFIG = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 STEPS, WINDOW = 30, 10
 
 
+@pytest.mark.slow
 def test_short_quickstart_reward_rises(tmp_path):
     cli = run(
         [

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorLis
 from grpo_lightning.engines.generate import generate_rollout, sampling_mode
 from grpo_lightning.fast.kernels import OneDNNLinear, onednn_available
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="needs torch's oneDNN (mkldnn) CPU kernels")
 PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]
 
 
+@pytest.mark.skipif(not onednn_available(), reason="needs torch's oneDNN (mkldnn) CPU kernels")
 def test_sampling_mode_swaps_every_linear_and_puts_each_back(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {name: module for name, module in model.named_modules() if type(module) is torch.nn.Linear}

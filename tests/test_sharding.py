@@ -69,6 +69,7 @@ def sharded(tmp_path_factory) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_fsdp2_updates_as_ddp_and_one_process(sharded, tmp_path):
     run([*steps(tmp_path, "one", sharded / "rollout.pt", 4), "--data.batch_size", "4", *probe(tmp_path / "one")])
     one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
@@ -84,6 +85,7 @@ def test_fsdp2_updates_as_ddp_and_one_process(sharded, tmp_path):
         assert fsdp[0]["logged"][-1][tag] == pytest.approx(one["logged"][-1][tag], abs=1e-6), tag
 
 
+@pytest.mark.slow
 def test_each_process_holds_half_of_the_weights_gradients_and_adam_state(sharded):
     for rank in ranks(sharded / "out" / "fsdp"):
         held = rank["local_bytes"]
@@ -93,6 +95,7 @@ def test_each_process_holds_half_of_the_weights_gradients_and_adam_state(sharded
         assert held["adam"] / full == pytest.approx(0.5 * 2, abs=0.04)  # exp_avg and exp_avg_sq
 
 
+@pytest.mark.slow
 def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(sharded):
     whole, resumed = ranks(sharded / "out" / "fsdp"), ranks(sharded / "out" / "resumed")
     assert resumed[0]["global_step"] == 4
@@ -101,6 +104,7 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(sharded):
     assert checkpoint["global_step"] == 4 and checkpoint["state_dict"]["policy.lm_head.weight"].is_meta
 
 
+@pytest.mark.slow
 def test_the_export_is_one_model_equal_to_the_one_process_export(sharded, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -111,6 +115,7 @@ def test_the_export_is_one_model_equal_to_the_one_process_export(sharded, tmp_pa
     assert max((mine[k] - gathered[k]).abs().max().item() for k in mine) == 0.0
 
 
+@pytest.mark.slow
 def test_the_weights_pushed_to_vllm_are_gathered_whole(sharded):
     for rank in ranks(sharded / "out" / "fsdp"):
         pushed, gathered = rank["pushed"], rank["params"]
@@ -119,6 +124,7 @@ def test_the_weights_pushed_to_vllm_are_gathered_whole(sharded):
         assert max((pushed[k] - gathered[k]).abs().max().item() for k in pushed) == 0.0
 
 
+@pytest.mark.slow
 def test_resuming_on_one_process_and_under_ddp(sharded, tmp_path):
     from grpo_lightning.train.checkpoints import AtomicCheckpointIO
 

@@ -54,13 +54,26 @@ def test_any_text_round_trips(built):
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 
 
-def test_generates_and_stops_at_eos(built):
-    model = AutoModelForCausalLM.from_pretrained(built).eval()
-    tokenizer = AutoTokenizer.from_pretrained(built)
-    batch = tokenizer(["Ana has 3 cups.", "Ben"], return_tensors="pt", padding=True)
+def test_generates_and_stops_at_eos():
+    """The packaged (warmed-up) tiny model ends each answer with EOS; ``generate`` stops there and pads after it."""
+    from grpo_lightning.builtin.answer_format import build_prompt
+    from grpo_lightning.train.data import load_records
+
+    path = resolve_model_path("builtin:tiny-arithmetic")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert model.generation_config.eos_token_id == eos != pad
+    prompts = [build_prompt(r["question"]) for r in load_records("task:arithmetic", "test")[:3]]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 5
+        out = model.generate(**batch, max_new_tokens=80, do_sample=False, pad_token_id=pad)
+    completions = out[:, batch["input_ids"].shape[1]:]  # [3, C]
+    ends = [row.tolist().index(eos) for row in completions]  # each row's first EOS (ValueError: none)
+    assert max(ends) + 1 == completions.shape[1] < 80  # stopped when the last row ended, far before the limit
+    for row, end in zip(completions, ends):
+        assert (row[end + 1 :] == pad).all()  # nothing but padding after a row's EOS
+        assert tokenizer.decode(row[:end]).endswith("</answer>")
 
 
 def test_resolve_model_path():

@@ -1,5 +1,6 @@
 """The supervised warm-up: example layout, padding, a short fit that lowers the loss and saves a loadable model."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +46,7 @@ def test_training_lowers_completion_loss(tmp_path):
     assert module.model(**batch).loss.item() < first / 2
 
 
+@pytest.mark.slow
 def test_cli_fit_saves_a_loadable_model(tmp_path):
     out = tmp_path / "warm"
     main(

@@ -29,6 +29,7 @@ def test_config_settings_are_the_seed_configs():
     assert gpu_check.trl_differences(settings) == []  # TRL's side runs the same lr, ε, temperature and clipping
 
 
+@pytest.mark.slow
 def test_tiny_check_on_the_cpu_reports_every_figure(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # as on CUDA: no CPU-only kernel
     gpu_check.main(["--tiny", "--layers", "2", "--steps", "2", "--device", "cpu", "--no-trl", "--prompts", "2",

@@ -12,7 +12,8 @@ from bench import logprob_memory, ours_side, run, timing, workload  # noqa: E402
 
 
 def test_project_logprobs_match_the_full_log_softmax():
-    logprobs = pytest.importorskip("grpo_lightning.core.logprobs")
+    from grpo_lightning.core import logprobs  # the project's own module: a broken import must fail, not skip
+
     h, w, t = logprob_memory.make_inputs(rows=5, tokens=7, hidden=16, vocab=50)
     expected = logprob_memory.full_logprobs(h, w, t)  # [5, 7]
     for chunk_rows in (1, 2, 5, 8):  # uneven last chunk and a chunk larger than N
