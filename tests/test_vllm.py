@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test starts an engine (about 10 s on 2 cores)
 pytest.importorskip("vllm")
 
 from grpo_lightning.engines.generate import generate_rollout  # noqa: E402
