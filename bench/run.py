@@ -1,6 +1,7 @@
 """One command for the side-by-side benchmark: grpo-lightning and TRL's GRPOTrainer on the same workload.
 
-    python bench/run.py --settings a b c --steps 4
+    python bench/run.py --settings a b c --steps 4              # Qwen2.5-0.5B's geometry at its real 24 layers
+    python bench/run.py --settings a --steps 3 --layers 4       # the quick 4-layer cut
 
 For each setting, each framework runs in its own child process (separate peak RSS, no shared
 allocator or thread state), then one table is printed: median seconds per GRPO step (one rollout
@@ -28,10 +29,10 @@ SIDES = {"trl": "bench.trl_side", "grpo-lightning": "bench.ours_side"}
 COLUMNS = ("wall", "sampling", "reference", "old_policy", "update", "other", "cpu")
 
 
-def run_side(side: str, setting: str, steps: int, extra: list[str], log_dir: Path) -> dict:
+def run_side(side: str, setting: str, steps: int, extra: list[str], log_dir: Path, layers: int = workload.REAL_DEPTH) -> dict:
     """Run one framework in a child process; its stderr goes to a log file, its result comes back on stdout."""
-    cmd = [sys.executable, "-m", SIDES[side], "--setting", setting, "--steps", str(steps), *extra]
-    log = log_dir / f"{side}-{setting}.log"
+    cmd = [sys.executable, "-m", SIDES[side], "--setting", setting, "--steps", str(steps), "--layers", str(layers), *extra]
+    log = log_dir / f"{side}-{setting}-{layers}l.log"
     start = time.perf_counter()
     with log.open("w") as err:
         proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -76,11 +77,11 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def measured_prompt_length(setting: str, steps: int) -> float:
+def measured_prompt_length(setting: str, steps: int, layers: int = workload.REAL_DEPTH) -> float:
     """Mean left-padded prompt length P of the measured steps' batches (both sides pad within a batch)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(workload.prepare_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(workload.prepare_model_dir(num_layers=layers))
     B = workload.SETTINGS[setting]["prompts"]
     rows = workload.load_prompts(B * steps)
     lengths = [max(len(tokenizer(r["prompt"]).input_ids) for r in rows[k * B : (k + 1) * B]) for k in range(steps)]
@@ -88,14 +89,14 @@ def measured_prompt_length(setting: str, steps: int) -> float:
     return sum(measured) / len(measured)
 
 
-def format_limits(results: dict[str, dict[str, dict]], machine: dict, steps: int) -> str:
+def format_limits(results: dict[str, dict[str, dict]], machine: dict, steps: int, layers: int = workload.REAL_DEPTH) -> str:
     """Each phase's achieved GFLOP/s and GB/s as a share of the machine's limits, per setting and side."""
-    cfg = json.loads((workload.prepare_model_dir() / "config.json").read_text())
+    cfg = json.loads((workload.prepare_model_dir(num_layers=layers) / "config.json").read_text())
     geometry = limits.Geometry.from_config(cfg, cfg["num_hidden_layers"])
     lines = [limits.describe_limits(machine)]
     for setting, sides in results.items():
         s = workload.SETTINGS[setting]
-        P = measured_prompt_length(setting, steps)
+        P = measured_prompt_length(setting, steps, layers)
         work = limits.phase_work(geometry, s["prompts"], s["generations"], round(P), s["new_tokens"], s["mu"],
                                  frozen_weights="lora" in s)
         cells = ", ".join(f"{k} {f / 1e9:.1f} GFLOP / {b / 1e9:.1f} GB" for k, (f, b) in work.items())
@@ -120,13 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ours-gradient-checkpointing", choices=("on", "off"), default="off")
     parser.add_argument("--ours-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra GRPOModule argument for the grpo-lightning side, repeatable")
+    parser.add_argument("--layers", type=int, default=workload.REAL_DEPTH,
+                        help="decoder layers of the Qwen2.5-0.5B geometry: 24 is the real model, 4 the quick cut")
     parser.add_argument("--log-dir", default=str(workload.DEFAULT_CACHE / "logs"))
     parser.add_argument("--json", help="write all results here as JSON")
     args = parser.parse_args(argv)
 
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    workload.prepare_model_dir()  # build once here, so neither side pays for it
+    workload.prepare_model_dir(num_layers=args.layers)  # build once here, so neither side pays for it
     print("measuring the machine's limits ...", file=sys.stderr, flush=True)
     machine = [limits.measure_limits()]
     extra = {
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         results[setting] = {}
         for side in args.frameworks:
             print(f"running {side} on setting {setting} ...", file=sys.stderr, flush=True)
-            results[setting][side] = run_side(side, setting, args.steps, extra[side], log_dir)
+            results[setting][side] = run_side(side, setting, args.steps, extra[side], log_dir, args.layers)
             if args.json:  # keep partial results if a later run fails
                 Path(args.json).write_text(json.dumps(results, indent=2))
     machine.append(limits.measure_limits())  # again after the runs: the best of both is the limit
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps({"results": results, "limits": machine}, indent=2))
     print(format_table(results))
     print()
-    print(format_limits(results, machine_best, args.steps))
+    print(f"Qwen2.5-0.5B-Instruct's geometry at {args.layers} layers, seeded random weights, fp32")
+    print(format_limits(results, machine_best, args.steps, args.layers))
 
 
 if __name__ == "__main__":

@@ -173,12 +173,13 @@ def main(argv: list[str] | None = None) -> None:
         help="TRL's GRPOConfig turns it on by default; 'off' measures TRL without it",
     )
     parser.add_argument("--use-vllm", action="store_true", help="sample with TRL's colocated vLLM (vllm_mode colocate)")
+    parser.add_argument("--layers", type=int, default=workload.REAL_DEPTH, help="decoder layers (24: the real depth)")
     parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setting = workload.SETTINGS[args.setting]
-    model_dir = workload.prepare_model_dir(args.cache_dir)
+    model_dir = workload.prepare_model_dir(args.cache_dir, args.layers)
     timer, opt_steps, lengths = PhaseTimer(), [], []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out_dir:

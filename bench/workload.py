@@ -41,7 +41,8 @@ SPECIAL_TOKENS = [
 ]
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 
-# Qwen2.5-0.5B-Instruct's geometry; only the depth is cut (24 -> 4 layers).
+# Qwen2.5-0.5B-Instruct's geometry; the bench runs it at its real depth (24 layers) or cut to fewer (--layers).
+REAL_DEPTH = 24
 QWEN_05B_GEOMETRY = dict(
     hidden_size=896,
     num_attention_heads=14,
@@ -147,7 +148,7 @@ LR, CLIP_EPS, TEMPERATURE, GRAD_CLIP = 5e-6, 0.1, 1.0, 0.1
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build the benchmark model directory and print its path.")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=REAL_DEPTH)
     args = parser.parse_args()
     print(prepare_model_dir(args.cache_dir, args.layers))
 
