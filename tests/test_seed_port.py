@@ -12,8 +12,9 @@ differ by up to 3e-5 after one step of lr 1e-3, in a few dozen of the 1.4M weigh
 norm to 0.1 some gradients are near Adam's eps (1e-8), where its step lr·g/(|g| + eps) turns the float32
 rounding of a different summation order (a log-softmax over all positions against the project's logsumexp
 over completion positions, a prompt's prefill shared by its G samples) into a visible change. In float64 the
-gradients agree to 5e-8 (relative, measured with SGD), the rewards and advantages being float32 on both
-sides, and the weights within 8e-7 after one and two updates.
+gradients agree to 5e-8 (relative, measured with SGD; transformers' RMSNorm computes in float32 whatever the
+weights' dtype, and the two passes' inputs differ in their last float64 digits), the rewards and advantages
+exactly, and the weights within 8e-7 after one and two updates.
 
 What it catches, measured by changing the port alone: a clip norm of 1 instead of 0.1 moves the weights by 4e-4
 after one update; β = 0 or ε = 0.2 by 2e-3 and 5e-6 after two (after one they cannot show: the ratio is 1,
