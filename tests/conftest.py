@@ -7,19 +7,42 @@ nothing outside the repository.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-# Tiny models on a busy 2-core machine run many times faster on one intra-op thread than on two.
-torch.set_num_threads(1)
-
 from grpo_lightning.builtin.tiny import Recipe, build
 from grpo_lightning.train.data import builtin_data_dir
 
 GSM8K_DIR = builtin_data_dir("gsm8k-sample")  # 64 train, 32 test problems
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models on a busy 2-core machine run many times faster on one intra-op thread than on two; the
+    count the session started with comes back at its end."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_state_left(one_thread):
+    """Whatever process-wide state a test changes is put back before the next one: torch's thread count, the
+    environment, the classes allowed for weights_only loads (pytest itself puts the warning filters back after
+    each test). What the library must put back itself is tested in tests/test_process_state.py."""
+    threads, environ, safe = torch.get_num_threads(), dict(os.environ), torch.serialization.get_safe_globals()
+    yield
+    torch.set_num_threads(threads)
+    for name in os.environ.keys() - environ.keys():
+        del os.environ[name]
+    os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(safe)
 
 
 # The tests' tiny model: 2 layers of width 32 and a 200-token BPE of GSM8K text, pad == eos (as Qwen's).

@@ -32,7 +32,9 @@ def completion_mask(completion_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
 def _chunk_logprobs(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float, with_entropy: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:
-    logits = F.linear(hidden, weight, bias).float()  # [n, C, V], one chunk of rows only
+    logits = F.linear(hidden, weight, bias)  # [n, C, V], one chunk of rows only
+    # half-precision logits in float32 for the softmax; float64 ones (a parity test's) stay float64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         logits = logits / temperature  # the distribution the sampler drew from
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -52,7 +54,7 @@ def token_logprobs(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log softmax(logits / temperature)[target] for each position, ``chunk_rows`` rows at a time through the head.
 
-    hidden: [N, C, H] hidden states that predict ``targets`` [N, C]; weight: [V, H]. Returns [N, C] float32.
+    hidden: [N, C, H] hidden states that predict ``targets`` [N, C]; weight: [V, H]. Returns [N, C] float32 (float64 for float64 weights).
     Only one chunk's [chunk_rows, C, V] logits exist at a time in the forward pass; autograd keeps them all
     for the backward pass. :func:`~grpo_lightning.fast.head_loss.head_logprobs` computes the same values
     with a backward that recomputes each chunk's logits instead (one more LM-head matmul, far less memory).

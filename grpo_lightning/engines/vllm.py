@@ -67,6 +67,22 @@ def policy_weights(policy: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, full_tensor(weight)
 
 
+
+@contextlib.contextmanager
+def environ_set(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set inside the block; each key's value before (or its absence) after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class VLLMEngine(RolloutEngine):
     """Samples rollouts with an in-process vLLM engine that holds its own copy of the policy's weights.
 
@@ -116,9 +132,9 @@ class VLLMEngine(RolloutEngine):
         on_cpu = next(policy.parameters()).device.type == "cpu"
         if self.enable_sleep_mode and on_cpu:
             raise ValueError(f"{OPTION}.enable_sleep_mode must be false on the CPU: vLLM has no sleep mode there")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: the weights are pushed in memory
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in this process: the weights are pushed in memory
         if on_cpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_space)
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_space)
         # Only the config and tokenizer: vLLM starts on placeholder weights and the policy's are pushed at once
         # (no checkpoint written, and no rank filter: transformers' save_pretrained writes weights on rank 0 only).
         self._dir = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
@@ -130,21 +146,24 @@ class VLLMEngine(RolloutEngine):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if world > 1:  # vLLM's external launcher reads the process's place from torchrun's variables
             for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
-                os.environ.setdefault(name, str(value))
+                if name not in os.environ:
+                    env[name] = str(value)
         from vllm import LLM
 
         states, set_threads = rng_state(), torch.set_num_threads
-        try:
-            self.llm = LLM(
-                model=self._dir.name, load_format="dummy", generation_config="vllm", logprobs_mode="processed_logprobs",
-                seed=rank if self.seed is None else self.seed, enable_sleep_mode=self.enable_sleep_mode,
-                distributed_executor_backend="external_launcher" if world > 1 else None, **self.llm_options,
-            )
-        finally:
-            # vLLM reseeds the global generators, and its CPU worker turns torch.set_num_threads into a no-op;
-            # in one process there is one thread pool, which the trainer's torch_threads keeps sizing
-            set_rng_state(states)
-            torch.set_num_threads = set_threads
+        # vLLM reads these variables while it starts: the process's own values come back after
+        with environ_set(env):
+            try:
+                self.llm = LLM(
+                    model=self._dir.name, load_format="dummy", generation_config="vllm", logprobs_mode="processed_logprobs",
+                    seed=rank if self.seed is None else self.seed, enable_sleep_mode=self.enable_sleep_mode,
+                    distributed_executor_backend="external_launcher" if world > 1 else None, **self.llm_options,
+                )
+            finally:
+                # vLLM reseeds the global generators, and its CPU worker turns torch.set_num_threads into a no-op;
+                # in one process there is one thread pool, which the trainer's torch_threads keeps sizing
+                set_rng_state(states)
+                torch.set_num_threads = set_threads
         self.on_gpu = not on_cpu
         self._push(policy)
 

@@ -8,7 +8,8 @@ resident: the heap only grows. Measured on setting (a) of the benchmark (Qwen2.5
 fp32), the process peaked about 210 MiB higher that way than with the threshold fixed at 1 MiB.
 
 Fixing the threshold (``mallopt(M_MMAP_THRESHOLD, n)``, which also switches the adjustment off) affects the
-whole process, for as long as it runs. Elsewhere than Linux with glibc this does nothing.
+whole process: the command line fixes it for a run and puts it back after (:func:`threshold_restored`).
+Elsewhere than Linux with glibc this does nothing.
 
 Mapping has a price: each mapped buffer's pages are faulted in (and zeroed) again at first touch. Decoding
 allocates and frees a few [rows, V] buffers at every new token (4.6 MiB each for 8 rows of Qwen2.5's
@@ -28,6 +29,7 @@ from contextlib import contextmanager
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 # glibc refuses larger values (HEAP_MAX_SIZE / 2 on 64-bit systems)
 MAX_THRESHOLD = 32 * 1024 * 1024
+GLIBC_START = 128 * 1024  # the threshold glibc starts a process with (DEFAULT_MMAP_THRESHOLD_MIN)
 _fixed: int | None = None  # the threshold this process fixed last, None while glibc adjusts its own
 
 
@@ -56,6 +58,26 @@ def set_mmap_threshold(nbytes: int) -> bool:
     if applied:
         _fixed = int(nbytes)
     return applied
+
+
+@contextmanager
+def threshold_restored() -> Iterator[None]:
+    """The threshold :func:`set_mmap_threshold` may fix inside the block is undone when it ends.
+
+    What was fixed before is fixed again. Where nothing was, glibc gets its starting threshold (128 KiB) back,
+    but not its own adjustment of it: glibc has no call that reads the threshold or turns that adjustment back
+    on once ``mallopt`` has fixed a value, so after a run glibc maps every allocation of 128 KiB or more (as a
+    fresh process does until it frees its first mapped buffer).
+    """
+    global _fixed
+    before = _fixed
+    try:
+        yield
+    finally:
+        libc = _glibc()
+        if _fixed != before and libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, GLIBC_START if before is None else before)
+        _fixed = before
 
 
 @contextmanager

@@ -30,9 +30,18 @@ SAFE_GLOBALS = [
     *GROUPS.values(), LoRA, Sharding,
     (LoRA, "grpo_lightning.lora.LoRA"),  # (the class, as checkpoints before the subpackages name it)
 ]
-# Plain data classes, safe to unpickle: allowed for Lightning's own ``weights_only`` loads too
-# (``GRPOModule.load_from_checkpoint`` of a module built in Python, whose hyperparameters hold them).
-torch.serialization.add_safe_globals(SAFE_GLOBALS)
+
+
+def allow_checkpoint_classes() -> None:
+    """Let ``torch.load(weights_only=True)`` unpickle :data:`SAFE_GLOBALS` (plain data classes), from now on.
+
+    Called where a checkpoint is about to be read (here, and by ``GRPOModule`` before Lightning reads one),
+    not when this module is imported. They stay allowed for the rest of the process: Lightning's own loads
+    (a resumed fit, ``load_from_checkpoint``) call ``torch.load`` where no context of ours can wrap them, and
+    torch's ``safe_globals`` context would drop them again on exit. Adding them twice changes nothing.
+    """
+    allowed = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([g for g in SAFE_GLOBALS if g not in allowed])
 # The entries Lightning writes in every training checkpoint.
 REQUIRED_KEYS = ("state_dict", "global_step", "loops", "pytorch-lightning_version")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
@@ -95,7 +104,7 @@ def read_checkpoint(
     reason = _unreadable_reason(path)
     if reason is None:
         try:
-            # (SAFE_GLOBALS are allowed process-wide above: torch's safe_globals context would remove them on exit)
+            allow_checkpoint_classes()  # (see there why for good, not in a context)
             checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             # torch's own message advises weights_only=False, which would run whatever the file holds

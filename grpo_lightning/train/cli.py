@@ -16,6 +16,8 @@ import shlex
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from grpo_lightning.fast.allocator import check_mmap_threshold, set_mmap_threshold
+from grpo_lightning.fast.allocator import check_mmap_threshold, set_mmap_threshold, threshold_restored
 from grpo_lightning.train.callbacks import AccuracyCallback, GRPOProgressBar, HFExport, SampleText
 from grpo_lightning.train.checkpoints import (
     check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints,
@@ -45,10 +47,23 @@ TRACEBACK_ENV = "GRPO_TRACEBACK"  # set to 1 to see the traceback of an input er
 INPUT_ERRORS = (ValueError, OSError, ImportError, NonFiniteStepsError)
 
 
-# Two Lightning warnings that describe this design, not a mistake: the frozen reference sits in eval mode on
-# purpose, and checkpoints hold the state after the step's updates, which is what resuming needs.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization and every_n_train_steps")
+@contextmanager
+def run_settings() -> Iterator[None]:
+    """What a run sets for the whole process, put back when it ends (importing this module sets nothing).
+
+    Warning filters; torch's intra-op threads (``torch_threads``); glibc's mmap threshold
+    (``malloc_mmap_threshold``, :func:`~grpo_lightning.fast.allocator.threshold_restored` says how far back).
+    """
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings(), threshold_restored():
+        # Two Lightning warnings that describe this design, not a mistake: the frozen reference sits in eval
+        # mode on purpose, and checkpoints hold the state after the step's updates, which is what resuming needs.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+        warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization and every_n_train_steps")
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 class KeepingSaveConfig(SaveConfigCallback):
@@ -185,15 +200,16 @@ class GRPOCLI(ThreadsCLI):
 
 
 def run(args: list[str] | None = None) -> GRPOCLI:
-    """Build the CLI and run its subcommand (``args`` instead of ``sys.argv``, for tests)."""
+    """Build the CLI and run its subcommand (``args`` instead of ``sys.argv``, for tests), in :func:`run_settings`."""
     check_moved_keys(sys.argv[1:] if args is None else args)
-    return GRPOCLI(
-        GRPOModule,
-        GSM8KDataModule,
-        trainer_defaults={"num_sanity_val_steps": 0, "log_every_n_steps": 1},
-        save_config_callback=KeepingSaveConfig,
-        args=args,
-    )
+    with run_settings():
+        return GRPOCLI(
+            GRPOModule,
+            GSM8KDataModule,
+            trainer_defaults={"num_sanity_val_steps": 0, "log_every_n_steps": 1},
+            save_config_callback=KeepingSaveConfig,
+            args=args,
+        )
 
 
 def resume_command(args: list[str], checkpoint: Path) -> str:

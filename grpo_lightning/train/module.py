@@ -30,6 +30,7 @@ from grpo_lightning.hf.models import build_policy
 from grpo_lightning.hf.passes import PlainHead, PolicyPasses, held_root
 from grpo_lightning.hf.sharding import Sharding
 from grpo_lightning.train.callbacks import RandomStates, SampleText
+from grpo_lightning.train.checkpoints import allow_checkpoint_classes
 from grpo_lightning.train.distributed import (
     gather_rows, gradient_scale, no_backward_sync, seed_this_process, sum_over_processes, synchronize,
 )
@@ -139,6 +140,13 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         # Before a checkpoint's random states are restored: every process samples from its own stream.
         seed_this_process(self.global_rank)
+        allow_checkpoint_classes()  # before Lightning reads a checkpoint to resume from (weights_only)
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's, with the option groups allowed for its ``weights_only`` read first."""
+        allow_checkpoint_classes()
+        return super().load_from_checkpoint(*args, **kwargs)
 
     @property
     def _strategy(self) -> Any:
