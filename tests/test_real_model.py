@@ -122,6 +122,12 @@ def test_generation_stops_at_its_eos_and_pads_left(smollm2):
         assert completion[end - 1] == im_end and "<|im_end|>" not in rollout.completions[row]
 
 
+def completion_length(prompts, completions, **kwargs) -> list[float]:
+    """A reward that varies within every group (135M parameters earn 0 from GSM8K's, and equal rewards
+    would give a zero update to compare)."""
+    return [len(c) / 100 for c in completions]
+
+
 def fit_one_step(model_dir: Path, engine, fast: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One rollout step (one SGD update, KL on) from seed 0; the weights' change and the metrics."""
     import lightning as L
@@ -132,7 +138,7 @@ def fit_one_step(model_dir: Path, engine, fast: bool) -> tuple[dict[str, torch.T
 
     L.seed_everything(0, verbose=False)
     module = GRPOModule(str(model_dir), dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=12),
-                        loss=Loss(beta=0.04), optimization=Optimization(mu=1), fast=fast, rollout=engine,
+                        loss=Loss(beta=0.04, reward_funcs=["tests.test_real_model.completion_length"]), optimization=Optimization(mu=1), fast=fast, rollout=engine,
                         optimizer=lambda params: torch.optim.SGD(params, lr=0.5))  # change = lr × clipped gradient
     start = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
     data = GSM8KDataModule(source="builtin:gsm8k-sample", batch_size=2, eval_size=2, seed=0,
