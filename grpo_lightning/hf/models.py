@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from grpo_lightning.builtin import is_path
+from grpo_lightning.hf.load_errors import check_directory, explain
 from grpo_lightning.hf.lora import LoRA, add_lora
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +57,8 @@ def load_model_and_tokenizer(
     options = {**source, **({"attn_implementation": attn_implementation} if attn_implementation else {})}
     if is_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"model path {name_or_path} does not exist")
+    if Path(name_or_path).expanduser().is_dir():
+        check_directory(Path(name_or_path).expanduser(), trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **source)
         if not meta:
@@ -69,8 +72,13 @@ def load_model_and_tokenizer(
             model.to(saved if dtype == "auto" else DTYPES[dtype])
             with contextlib.suppress(OSError):  # (a model without generation_config.json keeps the derived one)
                 model.generation_config = GenerationConfig.from_pretrained(name_or_path, revision=revision)
-    except OSError as e:
-        raise FileNotFoundError(f"could not load model '{name_or_path}' (no such directory, and not on the hub): {e}") from e
+    except Exception as e:
+        known = explain(name_or_path, e)
+        if known is not None:
+            raise known from e
+        if isinstance(e, OSError):
+            raise FileNotFoundError(f"could not load model '{name_or_path}': {e}") from e
+        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # the seed's choice; completion masks never rely on padding
     return model, tokenizer
