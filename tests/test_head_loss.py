@@ -138,3 +138,24 @@ def test_update_gradients_equal_with_and_without_the_fused_head(tiny_model_dir):
     assert torch.allclose(loss_a, loss_b, atol=1e-6) and torch.allclose(logp_a, logp_b, atol=1e-5)
     for a, b in zip(grads_a, grads_b):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_softmax_blocks_are_sized_by_memory():
+    from grpo_lightning.fast.head_loss import softmax_block_rows
+
+    # The GPU config's chunk: 8 rows × 500 positions of V = 151,936; 128 MiB / (4 bytes × V) = 220.8 positions
+    assert softmax_block_rows(4000, 151_936) == 220
+    assert softmax_block_rows(10, 200) == 3  # a quarter of the chunk, rounded up, below the byte budget
+    assert softmax_block_rows(1, 10**9) == 1  # at least one position
+
+
+def test_softmax_in_place_is_the_same_in_any_blocks():
+    from grpo_lightning.fast.head_loss import _softmax_in_place
+
+    z = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    for block in (None, 1, 4, 15):
+        p = z.clone()
+        lse, entropy = _softmax_in_place(p, block)
+        torch.testing.assert_close(p, torch.softmax(z, -1))
+        torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+        torch.testing.assert_close(entropy, -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1))

@@ -57,16 +57,31 @@ def _add_chunk_grads(dz: Tensor, h: Tensor, weight: Tensor, rows: slice, dh: Ten
         db += dz.sum((0, 1))
 
 
-def _softmax_in_place(z: Tensor, block: int = 8) -> tuple[Tensor, Tensor]:
+# A softmax block's two fp32 temporaries, p and p·z, take at most this many bytes each. Whole positions per
+# block, not a fixed count: 8 positions of a 151,936-token vocabulary made 500 blocks of ~8 kernels each per
+# [8, 500, V] chunk on a GPU; 128 MiB holds 220 of those positions (19 blocks).
+SOFTMAX_BLOCK_BYTES = 128 << 20
+
+
+def softmax_block_rows(rows: int, vocab: int, budget: int = SOFTMAX_BLOCK_BYTES) -> int:
+    """Positions per block: the byte budget, and at most a quarter of the chunk, so that the two temporaries
+    never exceed half the chunk's fp32 logits (under autocast, the size of the bf16 product freed just
+    before). At least one position."""
+    return max(1, min(budget // (4 * vocab), -(-rows // 4)))
+
+
+def _softmax_in_place(z: Tensor, block: int | None = None) -> tuple[Tensor, Tensor]:
     """Turn logits z [n, C, V] into softmax(z) in place; return their logsumexp and entropy, [n, C] each.
 
-    ``block`` positions at a time, so no second [n, C, V] buffer ever exists (``torch.logsumexp`` and
-    ``exp(z − lse)`` would each make one: 78 MiB for 2 rows × 64 tokens of Qwen2.5's vocabulary).
+    ``block`` positions at a time (default :func:`softmax_block_rows`), so no second [n, C, V] buffer ever
+    exists (``torch.logsumexp`` and ``exp(z − lse)`` would each make one: 78 MiB for 2 rows × 64 tokens of
+    Qwen2.5's vocabulary).
     H = lse − Σ p·z is taken from each block's p and z before p replaces z, as an elementwise product and a
     sum: fp32 even under autocast (a matmul there would run in bf16, off by up to 0.1 nat), and a summation
     that stays within 1e-5 nat over 151,936 entries (a fp32 row-by-column product drifted by 2e-3).
     """
     flat = z.view(-1, z.shape[-1])  # [n·C, V]
+    block = block or softmax_block_rows(flat.shape[0], flat.shape[1])
     lse, entropy = torch.empty(flat.shape[0], device=z.device), torch.empty(flat.shape[0], device=z.device)
     for start in range(0, flat.shape[0], block):
         zb = flat[start : start + block]

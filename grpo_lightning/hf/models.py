@@ -6,6 +6,7 @@ The reference is :mod:`grpo_lightning.train.reference`; the passes over the mode
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,36 @@ from typing import Any
 import torch
 
 from grpo_lightning.builtin import is_path
+from grpo_lightning.hf.load_errors import check_directory, explain
 from grpo_lightning.hf.lora import LoRA, add_lora
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", meta: bool = False) -> tuple[Any, Any]:
+def check_attn_implementation(value: str | None) -> None:
+    """Refuse, before anything loads, an attention implementation transformers does not know or cannot run here."""
+    if value is None:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in k)]
+    if value not in known:
+        raise ValueError(f"model.attn_implementation must be one of {known} or null (transformers' choice), got {value!r}")
+    if value.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(f"model.attn_implementation {value!r} needs the flash-attn package, which is not installed: "
+                         "install it, or use 'sdpa'")
+
+
+def load_model_and_tokenizer(
+    name_or_path: str, dtype: str = "auto", meta: bool = False, attn_implementation: str | None = None,
+    revision: str | None = None, trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a local directory, a hub id or ``builtin:NAME``; one clear error if none.
 
     ``meta`` builds the model's structure only, on the meta device (no memory, no weights read), with the
     checkpoint's generation config: a sharded run loads the weights on one process later.
+    ``attn_implementation``, ``revision`` and ``trust_remote_code`` are passed on as transformers names them
+    (TRL's ``model_init_kwargs``); the tokenizer is read at the same revision.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -31,22 +52,33 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", meta: bool 
     name_or_path = resolve_model_path(name_or_path)  # builtin:NAME → the packaged model's directory
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_attn_implementation(attn_implementation)
+    source = {"revision": revision, "trust_remote_code": trust_remote_code}
+    options = {**source, **({"attn_implementation": attn_implementation} if attn_implementation else {})}
     if is_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"model path {name_or_path} does not exist")
+    if Path(name_or_path).expanduser().is_dir():
+        check_directory(Path(name_or_path).expanduser(), trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **source)
         if not meta:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **options)
         else:
-            config = AutoConfig.from_pretrained(name_or_path)
+            config = AutoConfig.from_pretrained(name_or_path, **source)
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **extra)
             saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
             model.to(saved if dtype == "auto" else DTYPES[dtype])
             with contextlib.suppress(OSError):  # (a model without generation_config.json keeps the derived one)
-                model.generation_config = GenerationConfig.from_pretrained(name_or_path)
-    except OSError as e:
-        raise FileNotFoundError(f"could not load model '{name_or_path}' (no such directory, and not on the hub): {e}") from e
+                model.generation_config = GenerationConfig.from_pretrained(name_or_path, revision=revision)
+    except Exception as e:
+        known = explain(name_or_path, e)
+        if known is not None:
+            raise known from e
+        if isinstance(e, OSError):
+            raise FileNotFoundError(f"could not load model '{name_or_path}': {e}") from e
+        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # the seed's choice; completion masks never rely on padding
     return model, tokenizer
@@ -54,10 +86,11 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", meta: bool 
 
 def build_policy(
     name_or_path: str, dtype: str, lora: LoRA | None, gradient_checkpointing: bool, input_require_grads: bool,
-    meta: bool = False,
+    meta: bool = False, **load: Any,
 ) -> tuple[Any, Any]:
-    """The trainable policy (wrapped with LoRA adapters when asked) in train mode, and its tokenizer."""
-    policy, tokenizer = load_model_and_tokenizer(name_or_path, dtype, meta)
+    """The trainable policy (wrapped with LoRA adapters when asked) in train mode, and its tokenizer; ``load``:
+    :func:`load_model_and_tokenizer`'s options."""
+    policy, tokenizer = load_model_and_tokenizer(name_or_path, dtype, meta, **load)
     if lora is not None:
         policy = add_lora(policy, lora)
     # from_pretrained returns eval mode and Lightning keeps the modes it finds; in eval mode gradient

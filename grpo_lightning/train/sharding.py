@@ -58,9 +58,9 @@ def data_mesh(mesh: Any) -> Any:
     )
 
 
-def full_checkpoint_state(name_or_path: str, dtype: str) -> dict[str, torch.Tensor]:
+def full_checkpoint_state(name_or_path: str, dtype: str, **load: Any) -> dict[str, torch.Tensor]:
     """The checkpoint's weights and the model's buffers (rotary frequencies), read into host memory once."""
-    model, _ = load_model_and_tokenizer(name_or_path, dtype)
+    model, _ = load_model_and_tokenizer(name_or_path, dtype, **load)
     return {**model.state_dict(), **dict(model.named_buffers())}
 
 
@@ -79,6 +79,6 @@ def configure_sharding(module: Any) -> None:
     roots = [module.passes] + ([module.reference_passes] if module.reference is not None else [])
     for root in roots:
         shard(root, mesh, module.sharding, trains=root is module.passes)
-    full = full_checkpoint_state(hp.model_name_or_path, hp.dtype) if trainer.global_rank == 0 else {}
+    full = full_checkpoint_state(hp.model_name_or_path, hp.dtype, **module.load_options) if trainer.global_rank == 0 else {}
     for root in roots:
         materialize(root, full, trainer.strategy.root_device)

@@ -1,0 +1,53 @@
+"""``model.attn_implementation``, ``model.revision``, ``model.trust_remote_code``: checked before anything
+loads, passed on to the model and its tokenizer, kept in the hyperparameters a checkpoint saves."""
+
+from __future__ import annotations
+
+import pytest
+import transformers
+
+from grpo_lightning.hf.models import check_attn_implementation, load_model_and_tokenizer
+from grpo_lightning.train.module import GRPOModule
+
+TINY = "builtin:tiny-arithmetic"
+
+
+def test_an_unknown_attention_is_refused_before_anything_loads():
+    # the path does not exist either: the attention option is checked first
+    with pytest.raises(ValueError, match="model.attn_implementation must be one of .*'sdpa'.* got 'fast'"):
+        GRPOModule("./no/such/model", attn_implementation="fast")
+
+
+def test_flash_attention_needs_its_package(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(ValueError, match="'flash_attention_2' needs the flash-attn package"):
+        check_attn_implementation("flash_attention_2")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_the_attention_reaches_the_model(attn):
+    model, _ = load_model_and_tokenizer(TINY, "float32", attn_implementation=attn)
+    assert model.config._attn_implementation == attn
+
+
+def test_revision_and_remote_code_reach_the_model_and_the_tokenizer(monkeypatch):
+    seen = {}
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__
+
+        def recording(owner, path, *args, _original=original, _name=cls.__name__, **kwargs):
+            seen[_name] = {k: kwargs.get(k) for k in ("revision", "trust_remote_code")}
+            kwargs.pop("revision"), kwargs.pop("trust_remote_code")  # a local directory has no revisions
+            return _original(owner, path, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    load_model_and_tokenizer(TINY, "float32", revision="v1.0", trust_remote_code=True)
+    assert seen == {name: {"revision": "v1.0", "trust_remote_code": True}
+                    for name in ("AutoTokenizer", "AutoModelForCausalLM")}
+
+
+def test_the_options_are_saved_in_the_hyperparameters():
+    module = GRPOModule(TINY, dtype="float32", attn_implementation="eager")
+    assert (module.hparams.attn_implementation, module.hparams.revision, module.hparams.trust_remote_code) == (
+        "eager", None, False)
+    assert module.policy.config._attn_implementation == "eager"
