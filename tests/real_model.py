@@ -60,8 +60,11 @@ def cache_root() -> Path:
 
 def real_model_dir() -> Path:
     """An ordinary HF directory of SmolLM2-135M-Instruct (fp32), built from the GGUF on first use."""
+    import transformers
+
     gguf = gguf_path()
-    out = cache_root() / f"smollm2-135m-instruct-{_sha256(gguf)[:16]}"
+    # keyed by the transformers release too: a tokenizer saved by transformers 5 names a class that 4.x lacks
+    out = cache_root() / f"smollm2-135m-instruct-{_sha256(gguf)[:16]}-transformers-{transformers.__version__}"
     if (out / "config.json").is_file():  # the directory appears whole, by one rename
         return out
     return _convert(gguf, out)
@@ -81,6 +84,11 @@ def _convert(gguf: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # transformers 4.56's GGUF tokenizer conversion names <|im_start|> the EOS token; the GGUF's own EOS id (the
+    # model config's, 2: <|im_end|>, as transformers 5 reads it) is the one the model was trained to end with
+    eos = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    if tokenizer.eos_token != eos:
+        tokenizer.eos_token = eos
     partial = out.with_name(out.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
