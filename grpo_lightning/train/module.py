@@ -139,6 +139,11 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         # Before a checkpoint's random states are restored: every process samples from its own stream.
         seed_this_process(self.global_rank)
+        if self._trainer is not None:
+            self.engine.run_dir = self.trainer.log_dir or self.trainer.default_root_dir
+
+    def teardown(self, stage: str) -> None:
+        self.engine.close()  # a managed vLLM server stops with the fit; engines without one do nothing
 
     @property
     def _strategy(self) -> Any:
