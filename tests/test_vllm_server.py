@@ -117,3 +117,27 @@ def test_a_killed_server_gives_one_error_naming_its_url(module, prompts):  # las
     module.engine.process.wait(timeout=30)
     with pytest.raises(VLLMServerError, match=f"{module.engine.url}.*exited"):
         module.engine.generate(module.policy, module.tokenizer, prompts, 2, 8)
+
+
+def test_a_server_killed_mid_run_stops_the_fit_with_a_checkpoint(tmp_path):
+    import lightning as L
+
+    engine = VLLMServerEngine(dtype="float32")
+    module = GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=2, max_new_tokens=8), rollout=engine)
+
+    class KillAfterFirstStep(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 1:
+                os.killpg(engine.process.pid, signal.SIGKILL)
+
+    data = GSM8KDataModule(source="task:arithmetic", batch_size=2, eval_size=2, eval_batch_size=2, seed=0, tokenizer_name_or_path=TINY)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, limit_val_batches=0, callbacks=[KillAfterFirstStep()],
+    )
+    try:
+        with pytest.raises(VLLMServerError, match=r"127\.0\.0\.1:\d+ exited .*checkpoint written to"):
+            trainer.fit(module, datamodule=data)
+    finally:
+        engine.close()
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 1  # the step done before

@@ -148,6 +148,11 @@ class VLLMServerEngine(RolloutEngine):
 
     def _start(self, policy: Any, tokenizer: Any) -> None:
         """Start (or reach) the server, wait until it is healthy, and check that it serves this policy's tokenizer."""
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError(
+                f"{OPTION}: the vLLM server engine runs with one training process for now (each would push its own "
+                "weights); use the colocated grpo_lightning.engines.vllm.VLLMEngine under DDP or FSDP2"
+            )
         self._workdir = self._workdir or tempfile.mkdtemp(prefix="grpo-vllm-server-")
         if self.url is None:
             model_dir = self._write_weights(policy, tokenizer)

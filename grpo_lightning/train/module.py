@@ -39,7 +39,7 @@ from grpo_lightning.train.options import (
     FLAT_KEYS, Evaluation, Loss, Memory, Optimization, Sampling, check_across_groups, check_max_steps,
 )
 from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
-from grpo_lightning.train.preemption import at_stage_end
+from grpo_lightning.train.preemption import at_stage_end, checkpoint_path
 from grpo_lightning.train.sharding import configure_sharding
 from grpo_lightning.train.reference import build_reference, reference_logprobs, refresh_reference
 from grpo_lightning.engines.mixin import RolloutMixin
@@ -205,7 +205,12 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         step = self.global_step // self.optimization.mu  # rollout steps completed before this one
         self._refresh_reference(step)
         self.timings = {}
-        rollout = self._timed("sampling", self._rollout, batch)
+        try:
+            rollout = self._timed("sampling", self._rollout, batch)
+        except ConnectionError as e:  # a rollout server is gone: keep the steps done so far, before any update
+            path = checkpoint_path(self.trainer)
+            self.trainer.save_checkpoint(path)
+            raise type(e)(f"{e}; checkpoint written to {path} (resume with --ckpt_path)") from e
         # a bad reward function stops the step here, before any update
         scores = score_rollout(self.reward_funcs, batch, rollout, self.sampling.num_generations)
         data = self._timed("reference", self._advantages, rollout, scores)
