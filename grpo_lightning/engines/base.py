@@ -43,6 +43,7 @@ class RolloutEngine(ABC):
     correction the loss applies for the gap (:class:`~grpo_lightning.core.importance.ImportanceSampling`).
     """
 
+    run_dir: str | None = None  # the run's log directory, set by the module: where an engine writes its own logs
     timings: dict[str, float] = {}  # seconds of the engine's own stages in its last call, logged as time/<name>
 
     def generate(
@@ -86,6 +87,9 @@ class RolloutEngine(ABC):
 
     def free(self) -> None:
         """Between rollouts: give back what the engine holds that the update could use."""
+
+    def close(self) -> None:
+        """The run is over (fit ended or failed): stop what the engine started, such as a server."""
 
 
 def rng_state() -> dict[str, Any]:

@@ -40,7 +40,7 @@ from grpo_lightning.train.options import (
     FLAT_KEYS, Evaluation, Loss, Memory, Optimization, Sampling, check_across_groups, check_max_steps,
 )
 from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
-from grpo_lightning.train.preemption import at_stage_end
+from grpo_lightning.train.preemption import at_stage_end, checkpoint_path
 from grpo_lightning.train.sharding import configure_sharding
 from grpo_lightning.train.reference import build_reference, reference_logprobs, refresh_reference
 from grpo_lightning.engines.mixin import RolloutMixin
@@ -152,12 +152,17 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         # Before a checkpoint's random states are restored: every process samples from its own stream.
         seed_this_process(self.global_rank)
         allow_checkpoint_classes()  # before Lightning reads a checkpoint to resume from (weights_only)
+        if self._trainer is not None:
+            self.engine.run_dir = self.trainer.log_dir or self.trainer.default_root_dir
 
     @classmethod
     def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Lightning's, with the option groups allowed for its ``weights_only`` read first."""
         allow_checkpoint_classes()
         return super().load_from_checkpoint(*args, **kwargs)
+
+    def teardown(self, stage: str) -> None:
+        self.engine.close()  # a managed vLLM server stops with the fit; engines without one do nothing
 
     @property
     def _strategy(self) -> Any:
@@ -219,7 +224,12 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         step = self.global_step // self.optimization.mu  # rollout steps completed before this one
         self._refresh_reference(step)
         self.timings = {}
-        rollout = self._timed("sampling", self._rollout, batch)
+        try:
+            rollout = self._timed("sampling", self._rollout, batch)
+        except ConnectionError as e:  # a rollout server is gone: keep the steps done so far, before any update
+            path = checkpoint_path(self.trainer)
+            self.trainer.save_checkpoint(path)
+            raise type(e)(f"{e}; checkpoint written to {path} (resume with --ckpt_path)") from e
         # a bad reward function stops the step here, before any update
         scores = score_rollout(self.reward_funcs, batch, rollout, self.sampling.num_generations)
         data = self._timed("reference", self._advantages, rollout, scores)

