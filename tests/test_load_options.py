@@ -51,3 +51,25 @@ def test_the_options_are_saved_in_the_hyperparameters():
     assert (module.hparams.attn_implementation, module.hparams.revision, module.hparams.trust_remote_code) == (
         "eager", None, False)
     assert module.policy.config._attn_implementation == "eager"
+
+
+def test_the_chat_templates_tokenizer_follows_the_models_revision(monkeypatch, tmp_path):
+    from grpo_lightning.train.cli import GRPOCLI
+    from grpo_lightning.train.data import GSM8KDataModule
+
+    args = ["--seed_everything", "0", "--model.model_name_or_path", TINY, "--data.source", "task:arithmetic", "--model.revision", "v1.0",
+            "--data.chat_template", "true", "--trainer.default_root_dir", str(tmp_path)]
+    data = GRPOCLI(GRPOModule, GSM8KDataModule, run=False, args=args).datamodule
+    assert (data.hparams.tokenizer_name_or_path, data.hparams.tokenizer_revision) == (TINY, "v1.0")  # linked
+    seen = []
+    load = transformers.AutoTokenizer.from_pretrained
+
+    def recording(name, **kwargs):
+        seen.append(kwargs.pop("revision"))  # (a local directory has no revisions)
+        tokenizer = load(name, **kwargs)
+        tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"  # (the tiny model has none)
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
+    data.setup("validate")
+    assert seen == ["v1.0"] and data.eval_records[0]["prompt"].startswith("<")

@@ -154,6 +154,7 @@ class GRPOCLI(ThreadsCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
+        parser.link_arguments("model.revision", "data.tokenizer_revision")  # the template of the model's revision
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with atomic checkpoint writes, a stop on SIGTERM/SIGINT with a checkpoint, and a progress

@@ -61,6 +61,7 @@ class GSM8KDataModule(L.LightningDataModule):
         seed: Seeds the order of the training prompts.
         chat_template: Wrap prompts in the tokenizer's chat template instead of the seed's plain text.
         tokenizer_name_or_path: Tokenizer whose chat template is used (linked to the model by the CLI).
+        tokenizer_revision: The revision it is read at (linked to ``model.revision`` by the CLI).
         skip_invalid: Skip and count invalid rows instead of stopping at the first one.
         question_field: The field that holds the question.
         answer_field: The field that holds the answer (worked solution and final answer, for GSM8K).
@@ -81,6 +82,7 @@ class GSM8KDataModule(L.LightningDataModule):
         seed: int = 42,
         chat_template: bool = False,
         tokenizer_name_or_path: str | None = None,
+        tokenizer_revision: str | None = None,
         skip_invalid: bool = False,
         question_field: str = "question",
         answer_field: str = "answer",
@@ -103,7 +105,11 @@ class GSM8KDataModule(L.LightningDataModule):
         if self.hparams.chat_template:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer_name_or_path)
+            from grpo_lightning.builtin.tiny import resolve_model_path
+
+            tokenizer = AutoTokenizer.from_pretrained(  # (builtin:NAME → the packaged model's directory)
+                resolve_model_path(self.hparams.tokenizer_name_or_path), revision=self.hparams.tokenizer_revision
+            )
         return [{**r, "prompt": build_prompt(r["question"], tokenizer)} for r in records]
 
     def setup(self, stage: str | None = None) -> None:
