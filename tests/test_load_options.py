@@ -73,3 +73,24 @@ def test_the_chat_templates_tokenizer_follows_the_models_revision(monkeypatch, t
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
     data.setup("validate")
     assert seen == ["v1.0"] and data.eval_records[0]["prompt"].startswith("<")
+
+
+# the resumed run writes to a directory of its own on purpose: Lightning notes it keeps the old one's best path only
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_a_resumed_run_loads_the_model_as_the_checkpoint_says(tmp_path, tiny_model_dir, gsm8k_dir):
+    from lightning.pytorch.cli import LightningCLI
+    from test_train import make_config
+
+    from grpo_lightning.train.cli import run
+
+    quiet = ["--eval.before", "false", "--eval.after", "false", "--trainer.max_steps", "1"]
+    first = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "eager", attn_implementation="eager", optimization={"mu": 1})
+    ckpt = run(["fit", "--config", str(first), *quiet]).trainer.checkpoint_callback.last_model_path
+    # a config that leaves the option at its default (sdpa where the model supports it)
+    again = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "again", optimization={"mu": 1})
+    resumed = run(["fit", "--config", str(again), *quiet[:4], "--trainer.max_steps", "2", "--ckpt_path", ckpt]).model
+    # Lightning 2.6 reads a --ckpt_path checkpoint's hyperparameters over the config's; before, the config's stand
+    if hasattr(LightningCLI, "_parse_ckpt_path"):
+        assert resumed.hparams.attn_implementation == resumed.policy.config._attn_implementation == "eager"
+    else:
+        assert resumed.hparams.attn_implementation is None and resumed.policy.config._attn_implementation != "eager"
