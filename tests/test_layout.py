@@ -25,6 +25,10 @@ ALLOWED = {
 APPLICATIONS = {"grpo_lightning.builtin.warmup"}  # a command of its own, built on the training glue
 # third-party packages a layer must not need: the algorithm is plain PyTorch, the plumbing knows no Lightning
 FORBIDDEN = {"core": {"lightning", "transformers", "peft"}, "hf": {"lightning"}, "fast": {"lightning"}}
+# modules of an allowed layer that a layer must not import all the same: the plumbing, the speed pieces and
+# the engines run passes over a model and are handed the loss; the update (train/update.py) runs the algorithm
+ALGORITHM = {"grpo_lightning.core.loss", "grpo_lightning.core.step"}
+FORBIDDEN_MODULES = {"hf": ALGORITHM, "fast": ALGORITHM, "engines": ALGORITHM}
 
 
 def module_name(path: Path) -> str:
@@ -63,7 +67,9 @@ def wrong_way(path: Path) -> list[str]:
         if top != "grpo_lightning" or name in APPLICATIONS or target == "grpo_lightning":
             continue
         to = layer_of(target)
-        if to is None:
+        if target in FORBIDDEN_MODULES.get(layer, ()):
+            problems.append(f"{name}:{line} imports {target}: the {layer} layer is handed the loss, it runs none")
+        elif to is None:
             problems.append(f"{name}:{line} imports {target}, which is in no layer")
         elif to not in ALLOWED[layer]:
             problems.append(f"{name}:{line} imports {target}: {layer} must not import {to}")
@@ -88,10 +94,17 @@ def test_the_check_sees_a_wrong_way_import(tmp_path, monkeypatch):
     core.mkdir(parents=True)
     bad = core / "bad.py"
     bad.write_text("def f():\n    from grpo_lightning.train.module import GRPOModule\n    import lightning\n")
+    hf = tmp_path / "grpo_lightning" / "hf"
+    hf.mkdir()
+    runs_the_loss = hf / "runs.py"
+    runs_the_loss.write_text("from grpo_lightning.core.logprobs import token_logprobs\nfrom grpo_lightning.core.loss import grpo_loss\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "grpo_lightning")
     assert wrong_way(bad) == [
         "grpo_lightning.core.bad:2 imports grpo_lightning.train.module: core must not import train",
         "grpo_lightning.core.bad:3 imports lightning (the core layer needs none of ['lightning', 'peft', 'transformers'])",
+    ]
+    assert wrong_way(runs_the_loss) == [
+        "grpo_lightning.hf.runs:2 imports grpo_lightning.core.loss: the hf layer is handed the loss, it runs none"
     ]
 
 
