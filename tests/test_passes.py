@@ -20,6 +20,8 @@ from torch.utils._pytree import tree_flatten
 
 from grpo_lightning.hf.passes import PASSES, PolicyPasses
 from grpo_lightning.train.cli import run
+from grpo_lightning.train.module import GRPOModule
+from grpo_lightning.train.options import Loss, Sampling
 from test_train import make_config
 
 QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1", "--trainer.max_steps", "2"]
@@ -111,3 +113,19 @@ def test_the_mode_sees_a_read_outside_the_root():
         torch.matmul(torch.ones(1, 2), weight)
         _ = weight.shape  # metadata only
     assert len(mode.found) == 1 and "matmul" in mode.found[0]
+
+
+def test_the_roots_add_no_state_dict_keys(tiny_model_dir):
+    """A checkpoint's weights are ``policy.*`` and ``reference.*`` as before: the pass roots are not children."""
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2))
+    module.passes  # made on first use
+    names = {f"policy.{k}" for k in module.policy.state_dict()} | {f"reference.{k}" for k in module.reference.state_dict()}
+    assert set(module.state_dict()) == names
+    assert sum(1 for _ in module.parameters()) == 2 * sum(1 for _ in module.policy.parameters())
+
+
+def test_the_root_has_no_forward_and_its_passes_are_typed(tiny_model_dir):
+    root = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2), loss=Loss(beta=0)).passes
+    with pytest.raises(TypeError, match="call one of its passes, prefill, generate, logprobs, loss"):
+        root(torch.zeros(1, 2, dtype=torch.long))
+    assert all(callable(getattr(root, name)) for name in PASSES)
