@@ -1,6 +1,5 @@
 """Reward functions from import paths, TRL's calling convention, weighted totals and clear errors."""
 
-
 import pytest
 
 from grpo_lightning.core.scoring import (
