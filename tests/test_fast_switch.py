@@ -21,7 +21,7 @@ from grpo_lightning.engines.generate import GenerateEngine, generate_rollout
 from grpo_lightning.engines.replay import RecordingEngine, ReplayEngine
 from grpo_lightning.fast import gated_mlp, head_loss, kernels, sampler
 from grpo_lightning.hf.passes import PlainHead
-from grpo_lightning.train.data import GSM8KDataModule
+from grpo_lightning.train.data import PromptDataModule
 from grpo_lightning.train.module import GRPOModule
 from grpo_lightning.train.options import Loss, Optimization, Sampling
 
@@ -66,7 +66,7 @@ def fit(engine, fast: bool, plain_head: bool = False) -> tuple[GRPOModule, dict[
     if plain_head:
         module.head = PlainHead()  # the readable LM head (before the first pass: the root takes the module's)
     start = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
-    data = GSM8KDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
+    data = PromptDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,

@@ -32,7 +32,7 @@ from grpo_lightning.train.callbacks import AccuracyCallback, GRPOProgressBar, HF
 from grpo_lightning.train.checkpoints import (
     check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints,
 )
-from grpo_lightning.train.data import GSM8KDataModule
+from grpo_lightning.train.data import PromptDataModule
 from grpo_lightning.train.guard import NonFiniteStepsError
 from grpo_lightning.train.module import GRPOModule
 from grpo_lightning.train.options import check_max_steps
@@ -157,7 +157,7 @@ def run(args: list[str] | None = None) -> GRPOCLI:
     """Build the CLI and run its subcommand (``args`` instead of ``sys.argv``, for tests)."""
     return GRPOCLI(
         GRPOModule,
-        GSM8KDataModule,
+        PromptDataModule,
         trainer_defaults={"num_sanity_val_steps": 0, "log_every_n_steps": 1},
         save_config_callback=KeepingSaveConfig,
         args=args,

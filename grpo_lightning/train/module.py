@@ -38,7 +38,7 @@ from grpo_lightning.train.options import (
 )
 from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, rounding_warning
 from grpo_lightning.train.preemption import at_stage_end
-from grpo_lightning.train.sharding import configure_sharding
+from grpo_lightning.train.model_parallel import configure_sharding
 from grpo_lightning.train.reference import build_reference, reference_logprobs, refresh_reference
 from grpo_lightning.train.update import UpdateResult, grpo_update
 from grpo_lightning.engines.mixin import RolloutMixin
@@ -66,7 +66,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
         rollout: The rollout engine, a class path with ``init_args`` (:mod:`grpo_lightning.engines`, docs/vllm.md).
-        sharding: Shard the policy and the reference with FSDP2 (:mod:`grpo_lightning.train.sharding`; with
+        sharding: Shard the policy and the reference with FSDP2 (:mod:`grpo_lightning.train.model_parallel`; with
             ``trainer.strategy: ModelParallelStrategy``, docs/several-gpus.md); ``None`` for one copy per process.
     """
 
