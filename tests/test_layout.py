@@ -2,7 +2,8 @@
 
 core (the algorithm, plain PyTorch) ← hf (Hugging Face plumbing) ← fast, engines ← train (Lightning). The
 built-ins (answer format, GSM8K rewards, the arithmetic task, the tiny model) import only the algorithm; the
-warm-up is an application of its own on top of everything. Every import counts, those inside functions too.
+warm-up's command is Lightning glue (train/warmup.py). hf, fast and engines run passes over a model and are
+handed the loss: they import no part of the algorithm's step. Every import counts, those inside functions too.
 """
 
 import ast
@@ -22,7 +23,6 @@ ALLOWED = {
     "engines": {"core", "hf", "fast", "engines"},
     "train": {"core", "builtin", "hf", "fast", "engines", "train"},
 }
-APPLICATIONS = {"grpo_lightning.builtin.warmup"}  # a command of its own, built on the training glue
 # third-party packages a layer must not need: the algorithm is plain PyTorch, the plumbing knows no Lightning
 FORBIDDEN = {"core": {"lightning", "transformers", "peft"}, "hf": {"lightning"}, "fast": {"lightning"}}
 # modules of an allowed layer that a layer must not import all the same: the plumbing, the speed pieces and
@@ -64,7 +64,7 @@ def wrong_way(path: Path) -> list[str]:
         top = target.split(".")[0]
         if layer in FORBIDDEN and top in FORBIDDEN[layer]:
             problems.append(f"{name}:{line} imports {target} (the {layer} layer needs none of {sorted(FORBIDDEN[layer])})")
-        if top != "grpo_lightning" or name in APPLICATIONS or target == "grpo_lightning":
+        if top != "grpo_lightning" or target == "grpo_lightning":
             continue
         to = layer_of(target)
         if target in FORBIDDEN_MODULES.get(layer, ()):
