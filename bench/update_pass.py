@@ -4,8 +4,9 @@
 
 The update of a GRPO step without sampling or Lightning around it: the benchmark's model (Qwen2.5-0.5B
 geometry, 4 layers, fp32), a rollout of the setting's shape (its real first prompts, random completion
-tokens), ``GRPOModule._rows_loss`` over all rows and ``backward``, then a fused Adam step. Each variant
-(``model.fast`` on / off: the fused head loss and gated MLPs against autograd) runs in its own child process: it reports the fastest of ``--repeats``
+tokens), ``train/update.py``'s ``chunk_loss`` over all rows and ``backward``, then a fused Adam step. Each variant
+(on: ``model.fast`` and the memory-safe head, the fused head loss and gated MLPs; off: ``fast: false`` and the
+plain head, autograd through chunked logits) runs in its own child process: it reports the fastest of ``--repeats``
 passes (wall and CPU seconds of that pass) and its peak RSS above the RSS after loading, which includes
 the gradients and Adam's state. Run it on a quiet machine: the variants run one after the other.
 """
@@ -33,9 +34,13 @@ def run_variant(setting_name: str, fused: bool, repeats: int) -> dict:
     from bench.ours_side import build
     from grpo_lightning.core.types import Rollout
     from grpo_lightning.core.types import GRPOBatch
+    from grpo_lightning.hf.passes import PlainHead
+    from grpo_lightning.train.update import chunk_loss
 
     s = workload.SETTINGS[setting_name]
     module = build(workload.prepare_model_dir(), s, False, 2, {"fast": fused})
+    if not fused:
+        module.head = PlainHead()  # autograd through the chunked logits (before the first pass)
     G, C = s["generations"], s["new_tokens"]
     prompts = [r["prompt"] for r in workload.load_prompts(s["prompts"])]
     enc = module.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -53,7 +58,7 @@ def run_variant(setting_name: str, fused: bool, repeats: int) -> dict:
     for _ in range(repeats):
         start, cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad()
-        _, _, loss, _ = module._rows_loss(data, slice(0, N), None)
+        loss, *_ = chunk_loss(module, data, slice(0, N), None, [])
         loss.backward()
         del loss
         optimizer.step()

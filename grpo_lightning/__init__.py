@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # optional engine's dependencies (vLLM) load only when that engine is asked for
 _EXPORTS = {
     "GRPOModule": "grpo_lightning.train.module",
-    "GSM8KDataModule": "grpo_lightning.train.data",
+    "PromptDataModule": "grpo_lightning.train.data",
     "Rollout": "grpo_lightning.core.types",
     "GRPOBatch": "grpo_lightning.core.types",
     "grpo_loss": "grpo_lightning.core.loss",

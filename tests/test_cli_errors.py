@@ -57,7 +57,6 @@ def inputs(tmp: Path, real_ckpt: Path) -> dict[str, tuple[list[str], str]]:
         "torch_threads 0": (["--torch_threads", "0"], "torch_threads must be at least 1"),
         "skips -1": (["--model.optimization.max_consecutive_skips", "-1"], "model.optimization.max_consecutive_skips must be 0 (never stop) or more"),
         "malloc 0": (["--malloc_mmap_threshold", "0"], "malloc_mmap_threshold must be in"),
-        "moved key": (["--model.log_samples_every_n_steps", "3"], "model.log_samples_every_n_steps has moved: set samples.every_n_steps instead"),
     }
 
 
@@ -146,12 +145,3 @@ def test_stops_on_a_signal_are_not_reported_as_success(monkeypatch, capsys):
     assert cli.resume_command(["fit", "--config", "a b.yaml"], Path("/r/last.ckpt")) == (
         "grpo-lightning fit --config 'a b.yaml' --ckpt_path /r/last.ckpt"
     )
-
-
-def test_a_moved_key_in_a_config_file_names_its_new_key(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "old", malloc_mmap_threshold=4096)
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", f"--config={config}", *QUIET])
-    assert stop.value.code == 2
-    assert "model.malloc_mmap_threshold has moved: set malloc_mmap_threshold instead" in capsys.readouterr().err
-    assert not (tmp_path / "old").exists()

@@ -17,7 +17,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from grpo_lightning.builtin.warmup import SFTDataModule, SFTWarmup, WarmupCLI
+from grpo_lightning.train.warmup import SFTDataModule, SFTWarmup, WarmupCLI
 from grpo_lightning.hf.models import causal_lm, is_checkpointing, load_model_and_tokenizer
 from grpo_lightning.train.cli import run
 
@@ -150,7 +150,7 @@ def run_sharded(config_path: Path, tmp: Path, kernels_off: bool) -> None:
 
 
 def is_warmup(config_path: Path) -> bool:
-    return "grpo_lightning.builtin.warmup" in config_path.read_text().splitlines()[0]
+    return "grpo_lightning.train.warmup" in config_path.read_text().splitlines()[0]
 
 
 GPU_CONFIGS = [c for c in CONFIGS if not is_warmup(c) and yaml.safe_load(c.read_text())["trainer"]["accelerator"] == "gpu"]
@@ -161,7 +161,7 @@ def test_every_config_has_its_command_and_the_set_is_complete():
     assert {"qwen2.5-0.5b-gsm8k.yaml", "cpu-gsm8k-tiny.yaml", "quickstart.yaml", "warmup-tiny.yaml"} <= names
     for config in CONFIGS:
         first = config.read_text().splitlines()[0]
-        assert first.startswith(("# grpo-lightning fit --config", "# python -m grpo_lightning.builtin.warmup fit --config")), first
+        assert first.startswith(("# grpo-lightning fit --config", "# python -m grpo_lightning.train.warmup fit --config")), first
 
 
 def needs_extra(config_path: Path) -> str | None:

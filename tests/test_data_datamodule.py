@@ -3,7 +3,7 @@
 import pytest
 
 from grpo_lightning.builtin.answer_format import SYSTEM_PROMPT, build_prompt
-from grpo_lightning.train.data import GSM8KDataModule, PromptStream, collate
+from grpo_lightning.train.data import PromptDataModule, PromptStream, collate
 
 
 def test_prompt_is_the_seeds():
@@ -35,8 +35,8 @@ def test_prompt_stream_epochs_resume_and_shards():
 
 def test_datamodule_sizes_and_eval_subset(gsm8k_dir):
     with pytest.raises(ValueError, match="data.batch_size must be at least 1"):
-        GSM8KDataModule(source=str(gsm8k_dir), batch_size=0)
-    dm = GSM8KDataModule(source=str(gsm8k_dir), batch_size=3, eval_size=5)
+        PromptDataModule(source=str(gsm8k_dir), batch_size=0)
+    dm = PromptDataModule(source=str(gsm8k_dir), batch_size=3, eval_size=5)
     dm.setup("fit")
     assert len(dm.train_records) == 64 and len(dm.eval_records) == 5
     batch = next(iter(dm.train_dataloader()))

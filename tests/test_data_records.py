@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from grpo_lightning.train.data import GSM8KDataModule, kind_of, load_records, read_split
+from grpo_lightning.train.data import PromptDataModule, kind_of, load_records, read_split
 
 GOOD = json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"})
 
@@ -66,7 +66,7 @@ def test_other_field_names_and_answer_extractor(tmp_path):
     assert records[0]["question"] == "What is 3 + 4?" and records[1]["level"] == "2"  # other columns kept
     with pytest.raises(ValueError, match=r"math\.jsonl:1: missing text field 'question'"):
         load_records(str(path), "train")  # GSM8K's field names do not fit this file
-    dm = GSM8KDataModule(source=str(path), batch_size=2, **fields)
+    dm = PromptDataModule(source=str(path), batch_size=2, **fields)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert sorted(batch["expected"]) == ["10", "7"] and sorted(batch["level"]) == ["1", "2"]

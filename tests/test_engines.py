@@ -12,7 +12,7 @@ import torch
 from grpo_lightning.engines.base import build_rollout
 from grpo_lightning.engines.generate import GenerateEngine, generate_rollout
 from grpo_lightning.engines.replay import RecordingEngine, ReplayEngine
-from grpo_lightning.train.data import GSM8KDataModule
+from grpo_lightning.train.data import PromptDataModule
 from grpo_lightning.train.module import GRPOModule
 from grpo_lightning.train.options import Loss, Sampling
 
@@ -91,7 +91,7 @@ def fit(engine, seed: int, steps: int = 2) -> GRPOModule:
         rollout=engine,
         optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
     )
-    data = GSM8KDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
+    data = PromptDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,

@@ -66,3 +66,24 @@ def test_an_examples_file_is_never_overwritten(tmp_path):
     evaluate(trainer, Scorer(), tmp_path / "eval_after.jsonl", "after")
     with pytest.raises(FileExistsError):
         evaluate(trainer, Scorer(), tmp_path / "eval_after.jsonl", "after")
+
+
+def exactly(completion: str, expected: str | None) -> bool:
+    return completion == expected
+
+
+def test_the_match_is_the_data_modules():
+    """The evaluation scores with ``data.answer_match``: GSM8K's by default, the one a task names otherwise."""
+    from types import SimpleNamespace
+
+    from grpo_lightning.builtin.gsm8k import is_correct
+    from grpo_lightning.train.data import PromptDataModule
+    from grpo_lightning.train.evaluation import task_match
+
+    assert PromptDataModule(source="task:arithmetic").answer_match is is_correct
+    data = PromptDataModule(source="task:arithmetic", answer_match="test_evaluation.exactly")
+    module = SimpleNamespace(_trainer=SimpleNamespace(datamodule=data))
+    assert task_match(module) is exactly
+    assert task_match(SimpleNamespace(_trainer=None)) is is_correct  # a module run without a trainer
+    with pytest.raises(ImportError, match="cannot import 'nowhere.match'"):
+        PromptDataModule(answer_match="nowhere.match")

@@ -1,8 +1,9 @@
-"""``model.fast``: one switch for every speed piece of grpo_lightning/fast; on and off give the same update.
+"""``model.fast``: one switch for the CPU speed pieces of grpo_lightning/fast; on and off give the same update.
 
 The same recorded rollout (a replay engine) is trained on once with the switch on and once with it off: the
 loss, the gradient norm and the weights' change agree within float32 rounding. With the switch off, none of
-the speed pieces runs; with it on, each one does.
+the speed pieces runs; with it on, each one does. The memory-safe LM head runs either way; the same rollout
+trained on through the readable head (``PlainHead``: autograd through chunked logits) gives the same update.
 
 Sampled tokens are not the same at the same seed: the inverse-CDF sampler draws one uniform per row and step,
 ``generate``'s own sampling draws from ``torch.multinomial``, so the two consume the random stream differently
@@ -19,7 +20,8 @@ from grpo_lightning.engines import generate
 from grpo_lightning.engines.generate import GenerateEngine, generate_rollout
 from grpo_lightning.engines.replay import RecordingEngine, ReplayEngine
 from grpo_lightning.fast import gated_mlp, head_loss, kernels, sampler
-from grpo_lightning.train.data import GSM8KDataModule
+from grpo_lightning.hf.passes import PlainHead
+from grpo_lightning.train.data import PromptDataModule
 from grpo_lightning.train.module import GRPOModule
 from grpo_lightning.train.options import Loss, Optimization, Sampling
 
@@ -28,8 +30,8 @@ TINY = "builtin:tiny-arithmetic"
 
 @pytest.fixture
 def pieces_run(monkeypatch) -> dict[str, int]:
-    """How often each speed piece ran: the autograd Functions' forwards, the oneDNN layer, the sampler, the
-    decoding buffers kept in the heap."""
+    """How often each speed piece ran (the gated MLP's autograd Function, the oneDNN layer, the sampler, the
+    decoding buffers kept in the heap), and the memory-safe head's Functions (keys starting with ``Head``)."""
     counts = {"HeadLoss": 0, "HeadLogProb": 0, "GatedMLP": 0, "OneDNNLinear": 0, "InverseCDFSampler": 0, "heap_kept": 0}
 
     def counting(name, run, static):
@@ -47,7 +49,11 @@ def pieces_run(monkeypatch) -> dict[str, int]:
     return counts
 
 
-def fit(engine, fast: bool) -> tuple[GRPOModule, dict[str, torch.Tensor], dict[str, float]]:
+def speed_pieces(counts: dict[str, int]) -> dict[str, int]:
+    return {name: n for name, n in counts.items() if not name.startswith("Head")}
+
+
+def fit(engine, fast: bool, plain_head: bool = False) -> tuple[GRPOModule, dict[str, torch.Tensor], dict[str, float]]:
     """One rollout step (μ = 2 updates, KL on, T = 0.8) from seed 0; the module, the weights' change and the metrics."""
     L.seed_everything(0, verbose=False)
     module = GRPOModule(
@@ -57,8 +63,10 @@ def fit(engine, fast: bool) -> tuple[GRPOModule, dict[str, torch.Tensor], dict[s
         # about lr × sign(g), would turn rounding in a near-zero gradient into a difference of 2 lr)
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
     )
+    if plain_head:
+        module.head = PlainHead()  # the readable LM head (before the first pass: the root takes the module's)
     start = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
-    data = GSM8KDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
+    data = PromptDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -73,17 +81,10 @@ def relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return diff / sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
 
 
-def test_the_switch_on_and_off_give_the_same_update_on_the_same_rollout(pieces_run):
-    recorder = RecordingEngine(GenerateEngine())
-    _, fast_change, fast_metrics = fit(recorder, fast=True)
-    assert all(n > 0 for n in pieces_run.values()), pieces_run  # on: every piece ran
-    for name in pieces_run:
-        pieces_run[name] = 0
-    replay = ReplayEngine(recorder.rollouts)
-    _, plain_change, plain_metrics = fit(replay, fast=False)
-    assert replay.served == 1
-    assert not any(pieces_run.values()), pieces_run  # off: none ran (the plain head, nn.Linear, no sampler)
-    # The paths differ only in the order of float32 sums (oneDNN against torch's GEMM, the fused head's
+def same_update(a: tuple, b: tuple) -> None:
+    """The loss, gradient norm, KL, entropy and the weights' change of two fits agree within float32 rounding."""
+    (_, a_change, a_metrics), (_, b_change, b_metrics) = a, b
+    # The paths differ only in the order of float32 sums (oneDNN against torch's GEMM, the memory-safe head's
     # gradient against autograd's, the gated MLP's recomputed activations): about 1e-7 relative per product.
     # The loss and the gradient are sums of advantage-weighted terms of both signs (a group's advantages sum
     # to 0), which cancel and so magnify that rounding: measured, the weights' change differs by 5e-6
@@ -91,9 +92,29 @@ def test_the_switch_on_and_off_give_the_same_update_on_the_same_rollout(pieces_r
     # loss by 6e-6. 1e-4 leaves room for other machines' kernels; a real difference between the paths (a
     # temperature applied twice, a dropped term or position) moves these by 1e-2 and more.
     for key in ("loss", "grad_norm", "kl", "entropy"):
-        assert fast_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-4, abs=1e-7), key
-    assert relative(fast_change, plain_change) < 1e-4
-    assert max(float(c.abs().max()) for c in plain_change.values()) > 1e-4  # the step did move the weights
+        assert a_metrics[key] == pytest.approx(b_metrics[key], rel=1e-4, abs=1e-7), key
+    assert relative(a_change, b_change) < 1e-4
+    assert max(float(c.abs().max()) for c in b_change.values()) > 1e-4  # the step did move the weights
+
+
+def test_the_switch_on_and_off_and_the_plain_head_give_the_same_update_on_the_same_rollout(pieces_run):
+    recorder = RecordingEngine(GenerateEngine())
+    fast = fit(recorder, fast=True)
+    assert all(n > 0 for n in pieces_run.values()), pieces_run  # on: every piece ran, and the memory-safe head
+    for name in pieces_run:
+        pieces_run[name] = 0
+    replay = ReplayEngine(recorder.rollouts)
+    plain_layers = fit(replay, fast=False)
+    assert replay.served == 1
+    assert not any(speed_pieces(pieces_run).values()), pieces_run  # off: none ran (nn.Linear, no sampler, no GatedMLP)
+    assert pieces_run["HeadLoss"] > 0 and pieces_run["HeadLogProb"] > 0  # the memory-safe head all the same
+    same_update(fast, plain_layers)
+    for name in pieces_run:
+        pieces_run[name] = 0
+    replay = ReplayEngine(recorder.rollouts)
+    plain_head = fit(replay, fast=False, plain_head=True)
+    assert replay.served == 1 and not any(pieces_run.values()), pieces_run  # autograd through the chunked logits
+    same_update(fast, plain_head)
 
 
 def test_greedy_tokens_are_the_same_either_way_and_the_off_switch_samples_with_generate(pieces_run):

@@ -14,7 +14,9 @@ from grpo_lightning.core.advantages import group_advantages
 from grpo_lightning.core.scoring import RewardFunctionError, check_step_rewards, float32_finite, score
 from grpo_lightning.train.cli import run
 from grpo_lightning.train.guard import NonFiniteStepsError, SkipGuard, any_process
+from grpo_lightning.train import update as updates
 from grpo_lightning.train.options import Optimization
+from grpo_lightning.train.update import UpdateResult
 from test_train import make_config, scalars
 
 QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1"]
@@ -35,15 +37,21 @@ class BreakUpdates(L.Callback):
         self.batch_idx = batch_idx
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
-        rows_loss, update = module._rows_loss, module._update
+        self.chunk_loss, update = updates.chunk_loss, module._update
         broken = lambda: self.step <= self.batch_idx < self.until  # noqa: E731
 
-        def nan_rows_loss(*args: Any) -> tuple:
-            logp, entropy, loss, stats = rows_loss(*args)
-            return logp, entropy, loss * (math.nan if broken() and self.mode == "nan" else 1.0), stats
+        def nan_chunk_loss(*args: Any) -> tuple:
+            loss, logp, entropy, stats = self.chunk_loss(*args)
+            return loss * (math.nan if broken() and self.mode == "nan" else 1.0), logp, entropy, stats
 
-        module._rows_loss = nan_rows_loss
-        module._update = lambda data: {} if broken() and self.mode == "nothing" else update(data)
+        updates.chunk_loss = nan_chunk_loss  # what the update's loop calls, for this run
+        module._update = lambda data: UpdateResult({}, None) if broken() and self.mode == "nothing" else update(data)
+
+    def teardown(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        updates.chunk_loss = self.chunk_loss
+
+    def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
+        updates.chunk_loss = self.chunk_loss  # a run stopped by the guard ends here, not in teardown
 
 
 def breaking(step: int, mode: str, until: int = 10**9) -> list[str]:

@@ -119,19 +119,23 @@ def test_tied_weight_gradient_gathered_in_the_head_buffer_equals_autograd():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_update_gradients_equal_with_and_without_the_fused_head(tiny_model_dir):
-    """The module's update loss through the fused head and through autograd: same loss and parameter gradients
-    (shared-prompt pass, ratio away from 1, KL on)."""
+def test_update_gradients_equal_with_the_memory_safe_head_and_the_plain_one(tiny_model_dir):
+    """The module's update loss through the memory-safe head and through autograd (:class:`PlainHead`): same loss
+    and parameter gradients (shared-prompt pass, ratio away from 1, KL on)."""
     from conftest import fixed_update_batch
+    from grpo_lightning.hf.passes import PlainHead
     from grpo_lightning.train.module import GRPOModule
     from grpo_lightning.train.options import Memory, Sampling
+    from grpo_lightning.train.update import chunk_loss
 
     results = []
-    for fused in (False, True):
+    for memory_safe in (False, True):
         module = GRPOModule(str(tiny_model_dir), dtype="float32", sampling=Sampling(num_generations=3, max_new_tokens=10,
-                            temperature=0.8), memory=Memory(logprob_chunk_rows=2), fast=fused)
+                            temperature=0.8), memory=Memory(logprob_chunk_rows=2), fast=False)
+        if not memory_safe:
+            module.head = PlainHead()  # (before the first pass: the root takes the module's head)
         data, old = fixed_update_batch(module)
-        logp, entropy, loss, stats = module._rows_loss(data, slice(0, data.num_sequences), old)
+        loss, logp, entropy, stats = chunk_loss(module, data, slice(0, data.num_sequences), old, [])
         loss.backward()
         results.append((loss.detach(), logp.detach(), [p.grad.clone() for p in module.policy.parameters()]))
     (loss_a, logp_a, grads_a), (loss_b, logp_b, grads_b) = results

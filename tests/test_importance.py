@@ -76,11 +76,14 @@ def test_the_step_weights_each_token_by_the_sampler_ratio(fused):
     # A sampler equal to the trainer gives ρ = 1: −1 again.
     from grpo_lightning.train.module import GRPOModule
     from grpo_lightning.train.options import Loss, Sampling
-    from grpo_lightning.hf.passes import sequence_logprobs
+    from grpo_lightning.hf.passes import PlainHead, sequence_logprobs
     from grpo_lightning.core.types import GRPOBatch
+    from grpo_lightning.train.update import chunk_loss
 
     module = GRPOModule("builtin:tiny-arithmetic", dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=8),
                         loss=Loss(beta=0), fast=fused)
+    if not fused:
+        module.head = PlainHead()  # the readable head: autograd through chunked logits
     torch.manual_seed(0)
     rollout = module.engine.generate(module.policy, module.tokenizer, ["1+2=", "30+4="], 4, 8)
     with torch.no_grad():
@@ -91,8 +94,9 @@ def test_the_step_weights_each_token_by_the_sampler_ratio(fused):
     def loss(sample_logp, importance):
         rollout.sample_logprobs, rollout.importance_sampling = sample_logp, importance
         data = GRPOBatch(rollout, None, torch.zeros(8), torch.ones(8), mask, 8, int(mask.sum()), torch.tensor(0.0))
-        out = module.passes("loss", data, slice(None), None, chunk_rows=2, group=4, temperature=1.0, clip_eps=0.2, beta=0.0)
-        return out[2].item(), data.importance_ratios
+        ratios = []
+        loss, *_ = chunk_loss(module, data, slice(0, 8), None, ratios)
+        return loss.item(), ratios
 
     plain, _ = loss(trainer, None)
     same, ratios = loss(trainer, options)

@@ -2,7 +2,8 @@
 
 core (the algorithm, plain PyTorch) ← hf (Hugging Face plumbing) ← fast, engines ← train (Lightning). The
 built-ins (answer format, GSM8K rewards, the arithmetic task, the tiny model) import only the algorithm; the
-warm-up is an application of its own on top of everything. Every import counts, those inside functions too.
+warm-up's command is Lightning glue (train/warmup.py). hf, fast and engines run passes over a model and are
+handed the loss: they import no part of the algorithm's step. Every import counts, those inside functions too.
 """
 
 import ast
@@ -22,9 +23,12 @@ ALLOWED = {
     "engines": {"core", "hf", "fast", "engines"},
     "train": {"core", "builtin", "hf", "fast", "engines", "train"},
 }
-APPLICATIONS = {"grpo_lightning.builtin.warmup"}  # a command of its own, built on the training glue
 # third-party packages a layer must not need: the algorithm is plain PyTorch, the plumbing knows no Lightning
 FORBIDDEN = {"core": {"lightning", "transformers", "peft"}, "hf": {"lightning"}, "fast": {"lightning"}}
+# modules of an allowed layer that a layer must not import all the same: the plumbing, the speed pieces and
+# the engines run passes over a model and are handed the loss; the update (train/update.py) runs the algorithm
+ALGORITHM = {"grpo_lightning.core.loss", "grpo_lightning.core.step"}
+FORBIDDEN_MODULES = {"hf": ALGORITHM, "fast": ALGORITHM, "engines": ALGORITHM}
 
 
 def module_name(path: Path) -> str:
@@ -60,10 +64,12 @@ def wrong_way(path: Path) -> list[str]:
         top = target.split(".")[0]
         if layer in FORBIDDEN and top in FORBIDDEN[layer]:
             problems.append(f"{name}:{line} imports {target} (the {layer} layer needs none of {sorted(FORBIDDEN[layer])})")
-        if top != "grpo_lightning" or name in APPLICATIONS or target == "grpo_lightning":
+        if top != "grpo_lightning" or target == "grpo_lightning":
             continue
         to = layer_of(target)
-        if to is None:
+        if target in FORBIDDEN_MODULES.get(layer, ()):
+            problems.append(f"{name}:{line} imports {target}: the {layer} layer is handed the loss, it runs none")
+        elif to is None:
             problems.append(f"{name}:{line} imports {target}, which is in no layer")
         elif to not in ALLOWED[layer]:
             problems.append(f"{name}:{line} imports {target}: {layer} must not import {to}")
@@ -88,10 +94,17 @@ def test_the_check_sees_a_wrong_way_import(tmp_path, monkeypatch):
     core.mkdir(parents=True)
     bad = core / "bad.py"
     bad.write_text("def f():\n    from grpo_lightning.train.module import GRPOModule\n    import lightning\n")
+    hf = tmp_path / "grpo_lightning" / "hf"
+    hf.mkdir()
+    runs_the_loss = hf / "runs.py"
+    runs_the_loss.write_text("from grpo_lightning.core.logprobs import token_logprobs\nfrom grpo_lightning.core.loss import grpo_loss\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "grpo_lightning")
     assert wrong_way(bad) == [
         "grpo_lightning.core.bad:2 imports grpo_lightning.train.module: core must not import train",
         "grpo_lightning.core.bad:3 imports lightning (the core layer needs none of ['lightning', 'peft', 'transformers'])",
+    ]
+    assert wrong_way(runs_the_loss) == [
+        "grpo_lightning.hf.runs:2 imports grpo_lightning.core.loss: the hf layer is handed the loss, it runs none"
     ]
 
 

@@ -55,11 +55,11 @@ def test_the_options_are_saved_in_the_hyperparameters():
 
 def test_the_chat_templates_tokenizer_follows_the_models_revision(monkeypatch, tmp_path):
     from grpo_lightning.train.cli import GRPOCLI
-    from grpo_lightning.train.data import GSM8KDataModule
+    from grpo_lightning.train.data import PromptDataModule
 
     args = ["--seed_everything", "0", "--model.model_name_or_path", TINY, "--data.source", "task:arithmetic", "--model.revision", "v1.0",
             "--data.chat_template", "true", "--trainer.default_root_dir", str(tmp_path)]
-    data = GRPOCLI(GRPOModule, GSM8KDataModule, run=False, args=args).datamodule
+    data = GRPOCLI(GRPOModule, PromptDataModule, run=False, args=args).datamodule
     assert (data.hparams.tokenizer_name_or_path, data.hparams.tokenizer_revision) == (TINY, "v1.0")  # linked
     seen = []
     load = transformers.AutoTokenizer.from_pretrained

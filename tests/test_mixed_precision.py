@@ -120,15 +120,19 @@ def test_grad_scaler_plugin_runs_fp16_autocast():
 def _update_gradients(model_dir, fused: bool, dtype: torch.dtype | None, scale: float) -> tuple:
     """The module's update loss on a fixed rollout and its parameter gradients (unscaled), under ``dtype`` autocast."""
     from conftest import fixed_update_batch
+    from grpo_lightning.hf.passes import PlainHead
     from grpo_lightning.train.module import GRPOModule
     from grpo_lightning.train.options import Memory, Sampling
+    from grpo_lightning.train.update import chunk_loss
 
     module = GRPOModule(str(model_dir), dtype="float32", sampling=Sampling(num_generations=3, max_new_tokens=10, temperature=0.8),
                         memory=Memory(logprob_chunk_rows=2), fast=fused)
+    if not fused:
+        module.head = PlainHead()  # autograd through the chunked logits
     data, old = fixed_update_batch(module)
-    module._loss_scale = scale  # what a GradScaler of that scale tells the update
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        _, _, loss, _ = module._rows_loss(data, slice(0, data.num_sequences), old)
+        # scale: what a GradScaler of that scale tells the update
+        loss, *_ = chunk_loss(module, data, slice(0, data.num_sequences), old, [], loss_scale=scale)
         (loss * scale).backward()
     return loss.detach(), torch.cat([p.grad.flatten() / scale for p in module.policy.parameters()])
 

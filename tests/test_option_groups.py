@@ -1,21 +1,15 @@
 """The option groups of train/options.py: each checks itself with one message naming its full key, they nest
-in a YAML config and on the command line, and the flat keys of before get one message naming the new key
-(in a config, on the command line) or are put in their groups (a checkpoint's hyperparameters)."""
+in a YAML config and on the command line, and a resumed run takes its checkpoint's options."""
 
 import dataclasses
 
 import pytest
-import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from test_train import make_config
 
-from grpo_lightning.train.checkpoints import read_checkpoint
-from grpo_lightning.train.cli import MOVED_KEYS, check_moved_keys, main, run
-from grpo_lightning.train.options import (
-    FAST_KEYS, FLAT_KEYS, GROUPS, Evaluation, Loss, Memory, Optimization, Sampling, check_across_groups,
-    nest_flat_options,
-)
+from grpo_lightning.train.cli import run
+from grpo_lightning.train.options import GROUPS, Evaluation, Loss, Memory, Optimization, Sampling, check_across_groups
 
 QUIET = ["--eval.before", "false", "--eval.after", "false"]
 
@@ -70,76 +64,23 @@ def test_groups_nest_in_yaml_and_on_the_command_line(tmp_path, tiny_model_dir, g
     # the command line's value over the YAML's; the group's other YAML values and defaults stay
     assert module.sampling == Sampling(num_generations=4, max_new_tokens=12, temperature=0.7)
     assert module.memory == Memory(logprob_chunk_rows=3) and module.optimization == Optimization(mu=1)
-    assert module.fast is False and type(module.head).__name__ == "PlainHead"
+    assert module.fast is False and module.head.fused_mlps is False  # (the LM head is memory-safe either way)
     assert module.hparams["sampling"]["num_generations"] == 4  # saved as the config's values
     assert cli.trainer.global_step == 1
 
 
-@pytest.mark.parametrize("old", sorted(k for k in MOVED_KEYS if k.removeprefix("model.") in {*FLAT_KEYS, *FAST_KEYS}))
-def test_every_flat_key_on_the_command_line_names_its_new_key(old):
-    with pytest.raises(ValueError, match=f"^{old} has moved: set {MOVED_KEYS[old]} instead$"):
-        check_moved_keys(["fit", f"--{old}=1"])
-
-
-def test_the_moved_keys_cover_every_option_of_before():
-    before = {  # GRPOModule's flat options, all of them
-        "num_generations", "max_new_tokens", "temperature", "use_model_generation_config", "beta", "clip_eps",
-        "epsilon_high", "loss_type", "scale_rewards", "mask_truncated_completions", "reward_funcs", "reward_weights",
-        "mu", "ref_update_every", "reset_optimizer_on_ref_update", "grad_clip", "max_consecutive_skips",
-        "gradient_checkpointing", "input_require_grads", "rows_per_generate", "rows_per_update", "logprob_chunk_rows",
-        "logprob_recompute", "fused_head_loss", "share_prompt", "generation_kwargs", "eval_max_new_tokens",
-        "eval_generation_kwargs",
-    }
-    assert {k.removeprefix("model.") for k in MOVED_KEYS} >= before
-    assert MOVED_KEYS["model.eval_max_new_tokens"] == "model.evaluation.max_new_tokens"
-    assert MOVED_KEYS["model.fused_head_loss"] == "model.fast"
-
-
-def test_a_flat_key_in_a_config_file_stops_with_one_message(tmp_path, tiny_model_dir, gsm8k_dir, capsys):
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "flat", num_generations=4)
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(config), *QUIET])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert "model.num_generations has moved: set model.sampling.num_generations instead" in err
-    assert err.count("error") == 1 and not (tmp_path / "flat").exists()
-
-
-def flattened(hparams: dict) -> dict:
-    """Hyperparameters as a checkpoint from before the groups saved them: every option flat, two speed switches."""
-    out = {k: v for k, v in hparams.items() if k not in GROUPS and k != "fast"}
-    for key, new in FLAT_KEYS.items():
-        group, name = new.split(".")
-        out[key] = hparams[group][name]
-    return {**out, "fused_head_loss": True, "logprob_recompute": True}
-
-
-def test_nest_flat_options_puts_each_option_in_its_group():
-    # flat hyperparameters as a checkpoint from before the groups saved them, written out by hand
-    flat = {"model_name_or_path": "m", "num_generations": 3, "temperature": 0.9, "beta": 0.1, "mu": 2,
-            "gradient_checkpointing": True, "eval_max_new_tokens": 64, "fused_head_loss": True, "logprob_recompute": False}
-    assert nest_flat_options(flat) == {
-        "model_name_or_path": "m", "sampling": {"num_generations": 3, "temperature": 0.9}, "loss": {"beta": 0.1},
-        "optimization": {"mu": 2}, "memory": {"gradient_checkpointing": True}, "evaluation": {"max_new_tokens": 64},
-    }  # the two old speed switches are dropped: model.fast replaces them
-    assert nest_flat_options({"sampling": {"num_generations": 3}}) == {"sampling": {"num_generations": 3}}
-
-
 # the resumed run writes to a directory of its own on purpose: Lightning notes it keeps the old one's best path only
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
-def test_a_checkpoint_with_flat_hyperparameters_resumes(tmp_path, tiny_model_dir, gsm8k_dir):
-    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "flatckpt", sampling={"temperature": 0.9}, optimization={"mu": 1})
+def test_a_resumed_run_takes_its_checkpoints_options(tmp_path, tiny_model_dir, gsm8k_dir):
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "first", sampling={"temperature": 0.9}, optimization={"mu": 1})
     first = run(["fit", "--config", str(config), *QUIET, "--trainer.max_steps", "2"])
-    saved = read_checkpoint(first.trainer.checkpoint_callback.last_model_path)
-    saved["hyper_parameters"] = flattened(saved["hyper_parameters"])
-    old = tmp_path / "old.ckpt"
-    torch.save(saved, old)
+    old = first.trainer.checkpoint_callback.last_model_path
     # a new config that leaves the temperature at its default: a resume takes the checkpoint's options
     config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "resumed", optimization={"mu": 1})
     resumed = run(["fit", "--config", str(config), *QUIET, "--trainer.max_steps", "3", "--ckpt_path", str(old)])
     assert resumed.trainer.global_step == 3
-    # Lightning 2.6 reads a --ckpt_path file's options over the config's (here only through the translation
-    # of the flat ones); older releases keep the config's
+    # Lightning 2.6 reads a --ckpt_path file's options over the config's (the command line's own reading,
+    # through the checkpoint checks); older releases keep the config's
     takes_checkpoints = hasattr(LightningCLI, "_parse_ckpt_path")
     assert resumed.model.sampling.temperature == (0.9 if takes_checkpoints else 1.0)
     assert resumed.model.sampling.num_generations == 4

@@ -1,8 +1,8 @@
-"""Every pass over the policy runs inside the root module's forward (:class:`~grpo_lightning.hf.passes.PolicyPasses`).
+"""Every pass over the policy runs inside one of the root module's passes (:class:`~grpo_lightning.hf.passes.PolicyPasses`).
 
-A sharding wrapper gathers weights in the root's forward hooks, so a weight read outside them would be a
-shard. A torch-function mode records each torch call that takes one of the policy's (or the reference's)
-parameters while no root forward is running, through a real training step: sampling with the shared-prompt
+A sharding wrapper gathers weights around the root's passes (registered as forward methods), so a weight
+read outside them would be a shard. A torch-function mode records each torch call that takes one of the
+policy's (or the reference's) parameters while no root pass is running, through a real training step: sampling with the shared-prompt
 prefill, the reference pass, μ = 2 updates (the old policy's log-probs from the first) and their backward
 passes. The optimizer's step, gradient clipping and zeroing read the weights by design, outside any pass.
 """
@@ -18,15 +18,17 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from grpo_lightning.hf.passes import PolicyPasses
+from grpo_lightning.hf.passes import PASSES, PolicyPasses
 from grpo_lightning.train.cli import run
+from grpo_lightning.train.module import GRPOModule
+from grpo_lightning.train.options import Loss, Sampling
 from test_train import make_config
 
 QUIET = ["--eval.before", "false", "--eval.after", "false", "--torch_threads", "1", "--trainer.max_steps", "2"]
 
 
 class OutsideReads(TorchFunctionMode):
-    """Torch calls that take a watched parameter while no root forward runs and nothing excuses them."""
+    """Torch calls that take a watched parameter while no root pass runs and nothing excuses them."""
 
     def __init__(self, params: list[torch.Tensor]):
         super().__init__()
@@ -51,17 +53,19 @@ class RecordReads(L.Callback):
         params = list(module.policy.parameters()) + list(module.reference.parameters() if module.reference else [])
         self.mode = mode = OutsideReads(params)
         self.steps = 0
+        self.passes = {name: getattr(PolicyPasses, name) for name in PASSES}
 
-        def enter(root: torch.nn.Module, *args: Any) -> None:
-            if isinstance(root, PolicyPasses):
+        def inside(run: Any) -> Any:
+            def counted(*args: Any, **kwargs: Any) -> Any:
                 mode.inside += 1
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    mode.inside -= 1
+            return counted
 
-        def leave(root: torch.nn.Module, *args: Any) -> None:
-            if isinstance(root, PolicyPasses):
-                mode.inside -= 1
-
-        self.hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
-                      torch.nn.modules.module.register_module_forward_hook(leave)]
+        for name, run in self.passes.items():
+            setattr(PolicyPasses, name, inside(run))
         step = module.training_step
 
         def watched_step(*args: Any) -> Any:
@@ -88,12 +92,12 @@ class RecordReads(L.Callback):
         return call
 
     def teardown(self, trainer: L.Trainer, module: Any, stage: str) -> None:
-        for hook in self.hooks:
-            hook.remove()
+        for name, run in self.passes.items():
+            setattr(PolicyPasses, name, run)
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_no_parameter_is_read_outside_a_root_forward(tmp_path, tiny_model_dir, gsm8k_dir, fused):
+def test_no_parameter_is_read_outside_a_root_pass(tmp_path, tiny_model_dir, gsm8k_dir, fused):
     config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "passes", optimization={"mu": 2}, loss={"beta": 0.04}, fast=fused)
     cli = run(["fit", "--config", str(config), *QUIET, "--trainer.callbacks+=test_passes.RecordReads"])
     recorder = next(c for c in cli.trainer.callbacks if isinstance(c, RecordReads))
@@ -109,3 +113,19 @@ def test_the_mode_sees_a_read_outside_the_root():
         torch.matmul(torch.ones(1, 2), weight)
         _ = weight.shape  # metadata only
     assert len(mode.found) == 1 and "matmul" in mode.found[0]
+
+
+def test_the_roots_add_no_state_dict_keys(tiny_model_dir):
+    """A checkpoint's weights are ``policy.*`` and ``reference.*`` as before: the pass roots are not children."""
+    module = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2))
+    module.passes  # made on first use
+    names = {f"policy.{k}" for k in module.policy.state_dict()} | {f"reference.{k}" for k in module.reference.state_dict()}
+    assert set(module.state_dict()) == names
+    assert sum(1 for _ in module.parameters()) == 2 * sum(1 for _ in module.policy.parameters())
+
+
+def test_the_root_has_no_forward_and_its_passes_are_typed(tiny_model_dir):
+    root = GRPOModule(str(tiny_model_dir), sampling=Sampling(num_generations=2), loss=Loss(beta=0)).passes
+    with pytest.raises(TypeError, match="call one of its passes, prefill, generate, logprobs, loss"):
+        root(torch.zeros(1, 2, dtype=torch.long))
+    assert all(callable(getattr(root, name)) for name in PASSES)

@@ -177,13 +177,13 @@ def test_handlers_leave_slurm_requeue_signal_alone():
 
 def test_restore_rng_states_takes_this_process_state_and_warns_on_another_count():
     torch.manual_seed(3)
-    from grpo_lightning.engines.base import rng_state
+    from grpo_lightning.core.random_state import rng_state
 
     state = rng_state()
     expected = torch.rand(2)
     assert restore_rng_states([state], rank=0, world=1) is None
     assert torch.equal(torch.rand(2), expected)  # the same draws as after seeding
-    assert "random states of 1 processes, this run has 2" in restore_rng_states(state, rank=0, world=2)
+    assert "random states of 1 processes, this run has 2" in restore_rng_states([state], rank=0, world=2)
 
 
 @pytest.mark.slow

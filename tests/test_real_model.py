@@ -91,9 +91,9 @@ def test_fit_two_steps_of_the_gpu_config(tmp_path, smollm2, lora):
 
 
 def test_chat_template_wraps_the_seed_prompt_in_smollm2s_own(tmp_path, smollm2):
-    from grpo_lightning.train.data.datamodule import GSM8KDataModule
+    from grpo_lightning.train.data.datamodule import PromptDataModule
 
-    data = GSM8KDataModule(source="builtin:gsm8k-sample", tokenizer_name_or_path=str(smollm2), chat_template=True,
+    data = PromptDataModule(source="builtin:gsm8k-sample", tokenizer_name_or_path=str(smollm2), chat_template=True,
                            eval_size=2)
     data.setup("validate")
     prompt = data.eval_records[0]["prompt"]
@@ -132,7 +132,7 @@ def fit_one_step(model_dir: Path, engine, fast: bool) -> tuple[dict[str, torch.T
     """One rollout step (one SGD update, KL on) from seed 0; the weights' change and the metrics."""
     import lightning as L
 
-    from grpo_lightning.train.data import GSM8KDataModule
+    from grpo_lightning.train.data import PromptDataModule
     from grpo_lightning.train.module import GRPOModule
     from grpo_lightning.train.options import Loss, Optimization, Sampling
 
@@ -141,7 +141,7 @@ def fit_one_step(model_dir: Path, engine, fast: bool) -> tuple[dict[str, torch.T
                         loss=Loss(beta=0.04, reward_funcs=["tests.test_real_model.completion_length"]), optimization=Optimization(mu=1), fast=fast, rollout=engine,
                         optimizer=lambda params: torch.optim.SGD(params, lr=0.5))  # change = lr × clipped gradient
     start = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
-    data = GSM8KDataModule(source="builtin:gsm8k-sample", batch_size=2, eval_size=2, seed=0,
+    data = PromptDataModule(source="builtin:gsm8k-sample", batch_size=2, eval_size=2, seed=0,
                            tokenizer_name_or_path=str(model_dir))
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

@@ -1,11 +1,9 @@
 """Reward functions from import paths, TRL's calling convention, weighted totals and clear errors."""
 
-import math
-
 import pytest
 
 from grpo_lightning.core.scoring import (
-    DEFAULT_REWARD_FUNCS, RewardFunctionError, import_object, load_reward_funcs, score,
+    DEFAULT_REWARD_FUNCS, RewardFunctionError, load_reward_funcs, score,
 )
 
 FULL = "<reasoning>\n6 * 7 = 42\n</reasoning>\n<answer>\n42\n</answer>"
@@ -87,10 +85,5 @@ def test_loading_errors():
         load_reward_funcs(["grpo_lightning.builtin.gsm8k.format"], [1.0, 2.0])
     with pytest.raises(ValueError, match="two reward functions are named 'format'"):
         load_reward_funcs(["grpo_lightning.builtin.gsm8k.format", "grpo_lightning.builtin.gsm8k:format"])
-    with pytest.raises(ImportError, match="has no attribute 'nope'"):
-        import_object("grpo_lightning.core.scoring.nope")
     with pytest.raises(ImportError, match="cannot import 'no_such_package.f'"):
-        import_object("no_such_package.f")
-    with pytest.raises(ValueError, match="not an import path"):
-        import_object("correctness")
-    assert import_object("math.isfinite") is math.isfinite
+        load_reward_funcs(["no_such_package.f"])

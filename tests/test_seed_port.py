@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM
 import grpo_lightning
 from grpo_lightning.engines.generate import GenerateEngine
 from grpo_lightning.engines.replay import RecordingEngine, ReplayEngine
-from grpo_lightning.train.data import GSM8KDataModule
+from grpo_lightning.train.data import PromptDataModule
 from grpo_lightning.train.module import GRPOModule
 from grpo_lightning.train.options import Loss, Optimization, Sampling
 
@@ -111,7 +111,7 @@ def project_fit(engine, mu: int, precision: str = "32-true") -> GRPOModule:
         optimization=Optimization(mu=mu, grad_clip=CLIP), fast=False, rollout=engine,
         optimizer=lambda params: torch.optim.Adam(params, lr=LR, fused=True),
     )
-    data = GSM8KDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
+    data = PromptDataModule(source="task:arithmetic", batch_size=2, eval_size=4, seed=0, tokenizer_name_or_path=TINY)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=mu, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, precision=precision,

@@ -155,7 +155,7 @@ def test_sharding_options_check_themselves():
 def test_a_strategy_and_options_that_do_not_go_together_get_one_message():
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    from grpo_lightning.train.sharding import check_sharding
+    from grpo_lightning.train.model_parallel import check_sharding
 
     with pytest.raises(ValueError, match="model.sharding shards the policy with FSDP2 and needs trainer.strategy"):
         check_sharding(Sharding(), DDPStrategy(), "32-true")
@@ -182,7 +182,7 @@ class Mesh:
 
 
 def test_all_processes_shard_over_one_dimension_and_tensor_parallelism_is_refused():
-    from grpo_lightning.train.sharding import data_mesh
+    from grpo_lightning.train.model_parallel import data_mesh
 
     # Lightning's "auto" sizes put every process of one node in the tensor-parallel dimension
     assert data_mesh(Mesh(1, 8)).size() == 8 and data_mesh(Mesh(8, 1)).size() == 8

@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 from grpo_lightning.engines.generate import generate_rollout  # noqa: E402
 from grpo_lightning.engines.vllm_server import VLLMServerEngine, VLLMServerError, free_port  # noqa: E402
 from grpo_lightning.hf.passes import sequence_logprobs  # noqa: E402
-from grpo_lightning.train.data import GSM8KDataModule  # noqa: E402
+from grpo_lightning.train.data import PromptDataModule  # noqa: E402
 from grpo_lightning.train.module import GRPOModule  # noqa: E402
 from grpo_lightning.train.options import Sampling  # noqa: E402
 
@@ -30,7 +30,7 @@ LOGPROB_TOLERANCE = 2e-3  # as tests/test_vllm.py: float32 kernels of two librar
 
 @pytest.fixture(scope="module")
 def prompts() -> list[str]:
-    data = GSM8KDataModule(source="task:arithmetic", eval_size=6, eval_batch_size=6, seed=0, tokenizer_name_or_path=TINY)
+    data = PromptDataModule(source="task:arithmetic", eval_size=6, eval_batch_size=6, seed=0, tokenizer_name_or_path=TINY)
     data.setup("validate")
     return next(iter(data.val_dataloader()))["prompt"]
 
@@ -130,7 +130,7 @@ def test_a_server_killed_mid_run_stops_the_fit_with_a_checkpoint(tmp_path):
             if trainer.global_step == 1:
                 os.killpg(engine.process.pid, signal.SIGKILL)
 
-    data = GSM8KDataModule(source="task:arithmetic", batch_size=2, eval_size=2, eval_batch_size=2, seed=0, tokenizer_name_or_path=TINY)
+    data = PromptDataModule(source="task:arithmetic", batch_size=2, eval_size=2, eval_batch_size=2, seed=0, tokenizer_name_or_path=TINY)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
         enable_checkpointing=False, limit_val_batches=0, callbacks=[KillAfterFirstStep()],

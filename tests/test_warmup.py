@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo_lightning.builtin.answer_format import build_prompt
 from grpo_lightning.builtin.arithmetic import completion_text
 from grpo_lightning.builtin.tiny import build
-from grpo_lightning.builtin.warmup import IGNORE, SFTWarmup, main, pad_batch, tokenize_example
+from grpo_lightning.train.warmup import IGNORE, SFTWarmup, main, pad_batch, tokenize_example
 
 QUESTION, ANSWER = "Ana has 3 cups. Ana buys 2 more. How many cups does Ana have now?", "3 + 2 = 5\n#### 5"
 

@@ -15,12 +15,18 @@ from pathlib import Path
 import pytest
 
 import grpo_lightning
-from grpo_lightning.core.scoring import load_reward_funcs
+from grpo_lightning.core.scoring import load_reward_funcs, score
 from grpo_lightning.train.cli import run
 from test_train import make_config
 
 PROJECT = str(Path(grpo_lightning.__file__).parent)
 PASS_ALONG = ("/torch/nn/modules/module.py", "/transformers/utils/")
+
+
+def deprecated_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """Warns its caller as a library's deprecated function does (the probe's call, made by scoring.py)."""
+    warnings.warn("deprecated_reward is deprecated", DeprecationWarning, stacklevel=2)
+    return [0.0] * len(completions)
 
 
 def caller_of(stack: list[traceback.FrameSummary]) -> str:
@@ -57,7 +63,7 @@ def test_short_fit_makes_no_deprecated_calls(tmp_path, tiny_model_dir, gsm8k_dir
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
         warnings.showwarning = record
-        load_reward_funcs(["grpo_lightning.scoring.format"])  # a moved path: the project's call warns
+        score(load_reward_funcs(["test_warnings.deprecated_reward"]), ["p"], ["c"])  # the project's call warns
         probe = list(caught)
         run(["fit", "--config", str(config), "--trainer.max_steps", "4"])  # 2 rollout steps at μ = 2
     # the probe: a deprecation the project's own code triggers is caught and laid at the project's door

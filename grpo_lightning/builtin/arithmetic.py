@@ -2,7 +2,7 @@
 
 A task is a list of records ``{"question": str, "answer": str}`` whose answer has GSM8K's form — worked
 reasoning lines, then ``#### N`` — so everything downstream (prompts, rewards, the warm-up) treats it like
-GSM8K. ``GSM8KDataModule(source="task:<name>")`` calls :func:`load_task`.
+GSM8K. ``PromptDataModule(source="task:<name>")`` calls :func:`load_task`.
 
 Tasks:
 

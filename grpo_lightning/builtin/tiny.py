@@ -9,7 +9,7 @@ tests build their smaller model here too, from other text.
     python -m grpo_lightning.builtin.tiny --out DIR [--seed 0]
 
 writes a directory that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(DIR)`` load. The
-package ships a warmed-up copy (see ``grpo_lightning.builtin.warmup``); configs name it ``builtin:tiny-arithmetic``,
+package ships a warmed-up copy (see ``grpo_lightning.train.warmup``); configs name it ``builtin:tiny-arithmetic``,
 which :func:`resolve_model_path` turns into a path.
 """
 

@@ -2,8 +2,10 @@
 
 The pad token may be the EOS token, so a completion ends at its first EOS of any id the model declares,
 never where padding seems to start. The loss assumes that tokens were drawn from softmax(logits / T), so
-every log-prob pass (reference, old policy, policy) divides the logits by T. The fused LM-head passes of
-:mod:`grpo_lightning.fast.head_loss` compute the same values faster.
+every log-prob pass (the reference's, and the update's, whose first gives the old policy's detached)
+divides the logits by T. This is the readable reference; the trainer runs the memory-safe LM head of
+:mod:`grpo_lightning.fast.head_loss`, which computes the same values without keeping every chunk's logits
+for the backward pass.
 """
 
 from __future__ import annotations

@@ -15,15 +15,15 @@ exception is a :class:`RewardFunctionError` that names the function, raised befo
 
 from __future__ import annotations
 
-import importlib
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from grpo_lightning.core.imports import import_object
 
 
 RewardFunc = Callable[..., Sequence[Any]]
@@ -35,38 +35,6 @@ class RewardFunctionError(ValueError):
 
 
 DEFAULT_REWARD_FUNCS = ("grpo_lightning.builtin.gsm8k.correctness", "grpo_lightning.builtin.gsm8k.format")
-
-
-# Paths that configs written before the package's subpackages name, and their homes now.
-MOVED = {
-    "grpo_lightning.scoring.correctness": "grpo_lightning.builtin.gsm8k.correctness",
-    "grpo_lightning.scoring.format": "grpo_lightning.builtin.gsm8k.format",
-    "grpo_lightning.rewards.extract_dataset_answer": "grpo_lightning.builtin.gsm8k.extract_dataset_answer",
-}
-
-
-def import_object(path: str) -> Any:
-    """The object an import path names: ``package.module.name`` or ``package.module:name``.
-
-    A path in :data:`MOVED` (``:`` or ``.`` before the name) resolves to its new home with a deprecation warning.
-    """
-    moved = MOVED.get(path.replace(":", "."))
-    if moved is not None:
-        warnings.warn(f"{path!r} has moved: write {moved!r}", DeprecationWarning, stacklevel=2)
-        path = moved
-    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{path!r} is not an import path like 'package.module.name'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"cannot import {path!r}: {e}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ImportError(f"cannot import {path!r}: {module_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def function_name(func: Callable) -> str:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from grpo_lightning.core.advantages import drop_truncated, frac_reward_zero_std, group_advantages
-from grpo_lightning.core.importance import importance_weights, ratio_summary, ratio_values
+from grpo_lightning.core.importance import importance_weights, ratio_summary
 from grpo_lightning.core.scoring import RewardFunc, Scores, applied_mean, check_step_rewards, score
 from grpo_lightning.core.types import GRPOBatch, Rollout
 
@@ -92,10 +92,11 @@ def prepare_batch(
     )
 
 
-def step_metrics(data: GRPOBatch) -> dict[str, Tensor]:
+def step_metrics(data: GRPOBatch, importance_ratios: Tensor | None = None) -> dict[str, Tensor]:
     """The step's reward and completion statistics over every process, as logged.
 
     ``reward/<function>`` is its unweighted mean over the completions it applied to (left out when none).
+    ``importance_ratios``: the importance-sampling ratios the updates used ([k], this process's), when any.
     """
     rows = data.step_rows
     lengths = rows["length"]  # [W*N]
@@ -110,19 +111,15 @@ def step_metrics(data: GRPOBatch) -> dict[str, Tensor]:
         "completion/length_max": lengths.max(),
         "completion/truncated_fraction": rows["truncated"].mean(),
         # this process's sampled tokens (or completions, in sequence modes), as TRL logs them
-        **ratio_summary(torch.cat(data.importance_ratios) if data.importance_ratios else torch.zeros(0)),
+        **ratio_summary(importance_ratios if importance_ratios is not None else torch.zeros(0)),
     }
 
 
-def token_weights(data: GRPOBatch, part: slice, old_logp: Tensor) -> Tensor | None:
-    """The importance weights of rows ``part`` ([n, C] or [n, 1]; None without a correction), kept for the log.
+def token_weights(rollout: Rollout, part: slice, old_logp: Tensor) -> Tensor | None:
+    """The importance weights of rows ``part`` ([n, C] or [n, 1]); None without a correction.
 
     ``old_logp`` [n, C]: the trainer's log-probs under the weights that sampled (the first update's, detached).
     """
-    rollout = data.rollout
     if rollout.importance_sampling is None or rollout.sample_logprobs is None:
         return None
-    mask = rollout.completion_mask[part]
-    weights = importance_weights(old_logp, rollout.sample_logprobs[part], mask, rollout.importance_sampling)
-    data.importance_ratios.append(ratio_values(weights, mask))
-    return weights
+    return importance_weights(old_logp, rollout.sample_logprobs[part], rollout.completion_mask[part], rollout.importance_sampling)

@@ -41,5 +41,3 @@ class GRPOBatch:
     # the step's per-row values over every process ([W*N] each; this process's N rows with one process):
     # "reward", "length", "truncated", "tokens", and "reward/<function>" (NaN where it did not apply)
     step_rows: dict[str, Tensor] = field(default_factory=dict)
-    # the importance-sampling ratios the updates used (rollout.importance_sampling), kept for the log
-    importance_ratios: list[Tensor] = field(default_factory=list)

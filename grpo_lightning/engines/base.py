@@ -1,5 +1,5 @@
 """The rollout-engine seam: generate prompts × G → :class:`Rollout`, take the policy's weights, free memory;
-the tail every engine shares (:func:`build_rollout`), and the random states an engine that reseeds keeps.
+and the tail every engine shares (:func:`build_rollout`).
 
 The training step (``GRPOModule._rollout``) and evaluation (``EvaluationMixin.evaluate_batch``) sample only
 through this interface. An engine that samples from the policy object itself (:class:`GenerateEngine`) needs
@@ -9,7 +9,6 @@ stale (:meth:`RolloutEngine.update_weights`) and refreshes it before it samples 
 
 from __future__ import annotations
 
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,30 +89,6 @@ class RolloutEngine(ABC):
 
     def close(self) -> None:
         """The run is over (fit ended or failed): stop what the engine started, such as a server."""
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random-number state (torch, its own CUDA device's, Python): what sampling draws from.
-
-    Only the current device's CUDA state: a process samples on its one device, and a resume may see fewer GPUs.
-    """
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-    }
-
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore a state saved by :func:`rng_state` (or by the older layout, a list of every visible device's)."""
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if isinstance(cuda, list):  # every visible device's: this process's own is its current device's
-        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None
-    if cuda is not None and len(cuda) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
-    random.setstate(state["python"])
 
 
 def build_rollout(

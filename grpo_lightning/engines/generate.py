@@ -155,8 +155,8 @@ def generate_rollout(
     step_buffers = rows * causal_lm(model).get_output_embeddings().weight.shape[0] * 4 + (1 << 20)  # (+ room)
     heap = heap_kept(step_buffers) if fast and device.type == "cpu" else contextlib.nullcontext()
     with sampling_mode(model, rows, kernels=False), generation_config(model, use_model_generation_config), heap:
-        pieces = passes(
-            "generate", chunks, share, record, inside=onednn_linears(causal_lm(model), packed_head_rows=rows) if fast else None,
+        pieces = passes.generate(
+            chunks, share, record, inside=onednn_linears(causal_lm(model), packed_head_rows=rows) if fast else None,
             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,
             output_scores=record_logprobs and sampler is None, **kwargs,
         )

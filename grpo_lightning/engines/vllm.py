@@ -28,7 +28,8 @@ import torch
 
 from grpo_lightning.core.importance import ImportanceSampling
 from grpo_lightning.core.types import Rollout
-from grpo_lightning.engines.base import RolloutEngine, SamplingCall, build_rollout, rng_state, set_rng_state
+from grpo_lightning.core.random_state import rng_state, set_rng_state
+from grpo_lightning.engines.base import RolloutEngine, SamplingCall, build_rollout
 from grpo_lightning.hf.sharding import full_tensor
 from grpo_lightning.hf.lora import is_lora, merged_copy
 from grpo_lightning.hf.models import causal_lm, eos_token_ids

@@ -1,3 +1,4 @@
-"""Speed pieces: oneDNN products, the fused LM-head passes, fused gated MLPs and the inverse-CDF sampler, all
-switched by ``model.fast`` (each computes what a plain path computes; tests hold them equal), and glibc's mmap
-threshold, a process setting of the command line (``malloc_mmap_threshold``)."""
+"""The memory-safe LM head (:mod:`~grpo_lightning.fast.head_loss`), which the trainer runs on every device, and
+the CPU speed pieces switched by ``model.fast``: oneDNN products, fused gated MLPs, the inverse-CDF sampler and
+a rollout's buffers kept in the heap (each computes what a plain path computes; tests hold them equal); and
+glibc's mmap threshold, an option of its own of the command line (``malloc_mmap_threshold``)."""

@@ -16,7 +16,7 @@ buffer with ``addmm_`` instead of returning a fresh [V, H] gradient per chunk fo
 
 :class:`HeadLogProb` still takes four head products (forward, recompute, dh, dW): its backward cannot
 know g before the loss exists. :class:`HeadLoss` takes the loss itself, computes g while a chunk's logits
-exist and so needs three; the update uses it (:class:`FusedHead`, which ``model.fast`` switches on).
+exist and so needs three; the update uses it (:class:`MemorySafeHead`, on every device).
 
 Precision. The head products run as autocast runs ``F.linear`` (bf16 or fp16 on a GPU, or ``bf16-mixed``
 on the CPU), the softmax, logsumexp and entropy always in fp32. A backward pass that computes runs under the
@@ -38,7 +38,7 @@ from torch import Tensor
 from grpo_lightning.fast.gated_mlp import gated_mlps
 from grpo_lightning.fast.kernels import autocast_as, autocast_state, linear, times_weight
 from grpo_lightning.hf.models import causal_lm, is_checkpointing
-from grpo_lightning.hf.passes import PlainHead, completion_hidden
+from grpo_lightning.hf.passes import LossFn, PlainHead, completion_hidden
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
@@ -205,7 +205,7 @@ class HeadLoss(torch.autograd.Function):
 
 
 def head_loss(
-    hidden: Tensor, weight: Tensor, targets: Tensor, loss_fn, chunk_rows: int = 2, bias: Tensor | None = None,
+    hidden: Tensor, weight: Tensor, targets: Tensor, loss_fn: LossFn, chunk_rows: int = 2, bias: Tensor | None = None,
     temperature: float = 1.0, sink: TiedWeightGrad | None = None, loss_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
     """(loss, log-probs [N, C] detached, entropies [N, C], summed stats) of :class:`HeadLoss`.
@@ -273,24 +273,29 @@ def _tied_embedding(model: Any, head_weight: Tensor) -> tuple[TiedWeightGrad | N
     return sink, lambda ids: tied_embedding(ids, emb.weight, emb.padding_idx, sink)
 
 
-class FusedHead(PlainHead):
-    """The LM head's speedups (``model.fast``): log-probs whose backward recomputes each chunk
-    (:class:`HeadLogProb`), and the update's loss gradient taken inside the head pass (:class:`HeadLoss`, with
-    the tied embedding's two gradients in one buffer and the fused gated MLPs). :class:`PlainHead` computes
-    the same with autograd."""
+class MemorySafeHead(PlainHead):
+    """The LM head the trainer runs on every device: no pass holds full-vocabulary logits for all its rows.
+
+    Log-probs whose backward recomputes each chunk (:class:`HeadLogProb`), and the update's loss gradient
+    taken inside the head pass (:class:`HeadLoss`, with the tied embedding's two gradients in one buffer).
+    :class:`~grpo_lightning.hf.passes.PlainHead` computes the same with autograd, keeping every chunk's
+    logits for the backward pass (``tests/test_fast_switch.py`` holds them equal). ``fused_mlps``, one of
+    ``model.fast``'s speed pieces, runs the update's gated MLPs through :class:`~grpo_lightning.fast.gated_mlp.GatedMLP`.
+    """
+
+    def __init__(self, fused_mlps: bool = True):
+        self.fused_mlps = fused_mlps
 
     def logprobs(self, model: Any, hidden: Tensor, targets: Tensor, chunk_rows: int, temperature: float,
                  with_entropy: bool) -> Tensor | tuple[Tensor, Tensor]:
         head = causal_lm(model).get_output_embeddings()
         return head_logprobs(hidden, head.weight, targets, chunk_rows, head.bias, temperature, with_entropy)
 
-    def loss(self, model: Any, ids: Tensor, attn: Tensor, P: int, group: int, loss_of: Any, chunk_rows: int,
+    def loss(self, model: Any, ids: Tensor, attn: Tensor, P: int, group: int, loss_fn: LossFn, chunk_rows: int,
              temperature: float, loss_scale: float) -> tuple[Tensor, Tensor, Tensor, dict]:
         head = causal_lm(model).get_output_embeddings()
         sink, embed = _tied_embedding(model, head.weight)
-        with gated_mlps(model, enabled=not is_checkpointing(model)):  # a checkpoint's recompute must match
+        # (a checkpoint's recompute must match its forward: no fused MLPs under activation checkpointing)
+        with gated_mlps(model, enabled=self.fused_mlps and not is_checkpointing(model)):
             hidden = completion_hidden(model, ids, attn, P, group, embed)
-        loss, logp, entropy, stats = head_loss(
-            hidden, head.weight, ids[:, P:], loss_of, chunk_rows, head.bias, temperature, sink, loss_scale
-        )
-        return logp, entropy, loss, stats
+        return head_loss(hidden, head.weight, ids[:, P:], loss_fn, chunk_rows, head.bias, temperature, sink, loss_scale)

@@ -1,32 +1,37 @@
 """Every pass over the policy, through one root module: :class:`PolicyPasses`.
 
 A sharding wrapper (FSDP2's ``fully_shard``) gathers a module's weights in that module's forward hooks: a
-pass that reads a weight outside them sees a shard. So the sampling prefill, ``generate``, the reference and
-old-policy log-probs and the update's loss (LM head, tied embedding, fused or not) all run inside
-``PolicyPasses.forward``, and nothing else in the package touches the policy's weights during a step. The
-root is not a child of the LightningModule: the policy's parameters stay listed once, under ``policy.*``.
+pass that reads a weight outside them sees a shard. So the sampling prefill, ``generate``, the log-prob
+passes (the reference's) and the update's loss pass (LM head, tied embedding) are the root's methods
+:meth:`~PolicyPasses.prefill`, :meth:`~PolicyPasses.generate`, :meth:`~PolicyPasses.logprobs` and
+:meth:`~PolicyPasses.loss`, which FSDP2 treats as forwards (:data:`PASSES`, registered by
+:func:`grpo_lightning.hf.sharding.shard`); nothing else in the package touches the policy's weights during a
+step. The root is not a child of the LightningModule: the policy's parameters stay listed once, under ``policy.*``.
 
-How the LM head runs is a strategy: :class:`PlainHead` here (autograd through chunked logits,
-:mod:`grpo_lightning.core.logprobs`), or the fused one of :mod:`grpo_lightning.fast.head_loss`.
+How the LM head runs is a strategy handed to the root. :class:`PlainHead` here is the readable reference:
+autograd through chunked logits (:mod:`grpo_lightning.core.logprobs`), which keeps every chunk's logits for
+the backward pass. The trainer runs the memory-safe head of :mod:`grpo_lightning.fast.head_loss` on every
+device; a test holds the two equal. The loss itself comes from the caller (the update,
+:mod:`grpo_lightning.train.update`): this layer knows no GRPO.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import Tensor
 
 from grpo_lightning.core.logprobs import token_logprobs
-from grpo_lightning.core.loss import grpo_loss
-from grpo_lightning.core.step import token_weights
-from grpo_lightning.core.types import GRPOBatch
 from grpo_lightning.hf.models import cache_argument, causal_lm, decoder, is_checkpointing
 from grpo_lightning.hf.sharding import gathered
 
-LossOf = Callable[[Tensor, int, int], tuple[Tensor, dict[str, Tensor]]]  # (logp [n, C], lo, hi) → (loss, stats)
+# The loss of rows [start, stop) of a pass's rows from their log-probs [stop - start, C]: (loss, detached stats).
+# The loss must split over rows (a chunk's part of the step's loss), so that a head may run it chunk by chunk.
+LossFn = Callable[[Tensor, int, int], tuple[Tensor, dict[str, Tensor]]]
+PASSES = ("prefill", "generate", "logprobs", "loss")  # the root's methods that read the weights
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -94,20 +99,21 @@ class PlainHead:
         head = causal_lm(model).get_output_embeddings()
         return token_logprobs(hidden, head.weight, targets, chunk_rows, head.bias, temperature, with_entropy)
 
-    def loss(self, model: Any, ids: Tensor, attn: Tensor, P: int, group: int, loss_of: LossOf, chunk_rows: int,
+    def loss(self, model: Any, ids: Tensor, attn: Tensor, P: int, group: int, loss_fn: LossFn, chunk_rows: int,
              temperature: float, loss_scale: float) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """(log-probs [n, C], entropies [n, C], loss, stats); ``loss_scale`` is for heads that scale gradients themselves."""
+        """(loss, log-probs [n, C], entropies [n, C], stats); ``loss_scale`` is for heads that scale gradients themselves."""
         hidden = completion_hidden(model, ids, attn, P, group)
         logp, entropy = self.logprobs(model, hidden, ids[:, P:], chunk_rows, temperature, True)
-        return (logp, entropy, *loss_of(logp, 0, logp.shape[0]))
+        loss, stats = loss_fn(logp, 0, logp.shape[0])
+        return loss, logp, entropy, stats
 
 
 class PolicyPasses(torch.nn.Module):
-    """The root through which every pass over ``model`` runs: ``passes(kind, ...)`` for kind in
-    ``prefill``, ``generate``, ``logprobs`` and ``loss`` (the methods of the same names with a leading ``_``).
+    """The root through which every pass over ``model`` runs, one method per pass (:data:`PASSES`).
 
-    ``inside``, when given, is a context manager entered within the forward (kernels that repack weights, say,
-    or the adapters switched off), so that what it reads is read inside the root too.
+    ``inside``, when given, is a context manager entered within the pass (kernels that repack weights, say,
+    or the adapters switched off), so that what it reads is read inside the root too. There is no
+    ``forward``: call the pass by name.
     """
 
     def __init__(self, model: Any, head: PlainHead | None = None):
@@ -115,22 +121,23 @@ class PolicyPasses(torch.nn.Module):
         self.model = model
         self.head = head or PlainHead()
 
-    def forward(self, kind: str, *args: Any, inside: Any = None, **kwargs: Any) -> Any:
-        with inside or contextlib.nullcontext():
-            return getattr(self, f"_{kind}")(*args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"PolicyPasses has no forward: call one of its passes, {', '.join(PASSES)}")
 
-    def _prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, repeats: int) -> tuple[Tensor, Any]:
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, repeats: int) -> tuple[Tensor, Any]:
+        """:func:`shared_prompt_cache`: B prompts [B, L] read once, their KV cache repeated ``repeats`` times."""
         return shared_prompt_cache(self.model, prompt_ids, prompt_mask, repeats)
 
-    def _generate(self, chunks: list[tuple[Tensor, Tensor]], share: int, each: Callable[[Any], Any],
-                  **kwargs: Any) -> list[Any]:
-        """``each(generate(...))`` for each chunk (prompt ids [n, P], mask [n, P]) of rows, in one forward.
+    def generate(self, chunks: list[tuple[Tensor, Tensor]], share: int, each: Callable[[Any], Any],
+                 inside: ContextManager | None = None, **kwargs: Any) -> list[Any]:
+        """``each(generate(...))`` for each chunk (prompt ids [n, P], mask [n, P]) of rows, in one pass.
 
         With ``share`` = G, each prompt's first P − 1 tokens are prefilled once for its G samples
         (:func:`shared_prompt_cache`) and ``generate`` reads them from the repeated cache.
         """
         out = []
-        with gathered(self):  # sharded layers: gathered once for the rollout, not at every new token
+        # sharded layers: gathered once for the rollout, not at every new token
+        with inside or contextlib.nullcontext(), gathered(self):
             for ids, attn in chunks:
                 extra = {}
                 if share:
@@ -140,38 +147,29 @@ class PolicyPasses(torch.nn.Module):
                 out.append(each(self.model.generate(input_ids=ids, attention_mask=attn, **extra, **kwargs)))
         return out
 
-    def _logprobs(self, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 2,
-                  group: int = 1, temperature: float = 1.0, with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, *, chunk_rows: int = 2,
+                 group: int = 1, temperature: float = 1.0, with_entropy: bool = False,
+                 inside: ContextManager | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Per-token log-probs of the completion positions of ``input_ids``: [N, P + C] → [N, C].
 
         They are log softmax(logits / ``temperature``): the distribution that rollouts sampled from. Only the C
         completion positions go through the LM head (:func:`completion_hidden`; ``group`` shares prompts).
         """
-        hidden = completion_hidden(self.model, input_ids, attention_mask, prompt_length, group)
-        return self.head.logprobs(self.model, hidden, input_ids[:, prompt_length:], chunk_rows, temperature, with_entropy)
+        with inside or contextlib.nullcontext():
+            hidden = completion_hidden(self.model, input_ids, attention_mask, prompt_length, group)
+            return self.head.logprobs(self.model, hidden, input_ids[:, prompt_length:], chunk_rows, temperature, with_entropy)
 
-    def _loss(self, data: GRPOBatch, rows: slice, old_logp: Tensor | None, *, chunk_rows: int, group: int,
-              temperature: float, loss_scale: float = 1.0, **loss_kwargs: Any) -> tuple[Tensor, Tensor, Tensor, dict]:
-        """(log-probs [rows, C], entropies [rows, C], the step's GRPO loss part of ``rows``, its detached stats).
+    def loss(self, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, loss_fn: LossFn, *,
+             chunk_rows: int = 2, group: int = 1, temperature: float = 1.0,
+             loss_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(``loss_fn``'s loss of these rows, their log-probs [n, C] and entropies [n, C], its summed stats).
 
-        ``old_logp`` [n, C] covers all of this process's rows (``None`` at the first update); ``loss_kwargs`` go to
-        :func:`~grpo_lightning.core.loss.grpo_loss` with the step's counts. ``loss_scale`` is the GradScaler's
-        factor for the coming backward pass (``16-mixed``), which a fused head applies itself.
+        ``input_ids`` [n, P + C] are the rows of one chunk; the head runs ``loss_fn`` on them, in pieces of
+        ``chunk_rows`` rows or whole. ``loss_scale`` is the GradScaler's factor for the coming backward pass
+        (``16-mixed``), which a head that takes its gradients in the forward pass applies itself.
         """
-        r, lo = data.rollout, rows.start or 0
-
-        def loss_of(logp: Tensor, start: int, stop: int) -> tuple[Tensor, dict[str, Tensor]]:  # rows [start, stop) of ``rows``
-            part = slice(lo + start, lo + stop)
-            old = None if old_logp is None else old_logp[part]
-            return grpo_loss(
-                logp, old, None if data.ref_logp is None else data.ref_logp[part],
-                data.advantages[part], data.loss_mask[part], num_sequences=data.num_sequences,
-                num_tokens=data.num_tokens, token_weights=token_weights(data, part, logp if old is None else old),
-                **loss_kwargs,
-            )
-
-        ids, attn = r.input_ids[rows], r.attention_mask[rows]
-        return self.head.loss(self.model, ids, attn, r.prompt_length, group, loss_of, chunk_rows, temperature, loss_scale)
+        return self.head.loss(self.model, input_ids, attention_mask, prompt_length, group, loss_fn, chunk_rows,
+                              temperature, loss_scale)
 
 
 def held_root(owner: Any, name: str, model: Any, head: PlainHead | None = None) -> PolicyPasses | None:
@@ -201,5 +199,6 @@ def sequence_logprobs(
     model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, chunk_rows: int = 2, group: int = 1,
     temperature: float = 1.0, with_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """:meth:`PolicyPasses._logprobs` of ``model`` (a root, or a bare model under a plain root)."""
-    return as_passes(model)("logprobs", input_ids, attention_mask, prompt_length, chunk_rows, group, temperature, with_entropy)
+    """:meth:`PolicyPasses.logprobs` of ``model`` (a root, or a bare model under a plain root)."""
+    return as_passes(model).logprobs(input_ids, attention_mask, prompt_length, chunk_rows=chunk_rows, group=group,
+                                     temperature=temperature, with_entropy=with_entropy)

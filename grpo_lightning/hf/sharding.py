@@ -3,7 +3,9 @@
 Each process keeps 1/W of every weight (a ``DTensor`` shard); a module's forward gathers its layer's full
 weights in FSDP2's pre-forward hook and frees them after. That is why every pass runs through the root of
 :mod:`grpo_lightning.hf.passes`: the root owns what no layer does (the embedding, tied to the LM head, and the
-final norm), so a weight read outside its forward would be a shard.
+final norm), so a weight read outside its passes would be a shard. Its passes are methods other than
+``forward``: :func:`shard` registers each with ``register_fsdp_forward_method``, so that it gathers as a
+forward does.
 
 Three things differ from a plain module, and each has one function here:
 - weights: the model is built on the meta device on every process; process 0 alone reads the checkpoint and
@@ -69,13 +71,17 @@ def shard(root: torch.nn.Module, mesh: Any, options: Sharding, trains: bool = Tr
     A root that ``trains`` keeps its own weights gathered from the forward to the backward; the frozen
     reference's root, which has no backward, frees them after each pass.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from grpo_lightning.hf.passes import PASSES  # (here: the passes module imports this one)
 
     kwargs = {"mesh": mesh, "mp_policy": options.mixed_precision(), "reshard_after_forward": options.reshard_after_forward}
     for layer in decoder(root.model).layers:
         fully_shard(layer, **kwargs)
     # the root's own weights (embedding = LM head, final norm) serve the first and last step of every pass
     fully_shard(root, **{**kwargs, "reshard_after_forward": not trains})
+    for name in PASSES:  # each pass gathers the root's weights (and frees them) as a forward would
+        register_fsdp_forward_method(root, name)
     root.reshard_layers = options.reshard_after_forward  # what :func:`gathered` restores
 
 

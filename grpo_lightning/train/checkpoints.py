@@ -26,10 +26,7 @@ from grpo_lightning.train.options import GROUPS
 
 # What the project's checkpoints hold besides tensors, numbers, strings and containers: the option groups
 # and the LoRA options among the hyperparameters.
-SAFE_GLOBALS = [
-    *GROUPS.values(), LoRA, Sharding,
-    (LoRA, "grpo_lightning.lora.LoRA"),  # (the class, as checkpoints before the subpackages name it)
-]
+SAFE_GLOBALS = [*GROUPS.values(), LoRA, Sharding]
 
 
 def allow_checkpoint_classes() -> None:

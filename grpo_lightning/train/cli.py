@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
@@ -35,10 +34,10 @@ from grpo_lightning.train.callbacks import AccuracyCallback, GRPOProgressBar, HF
 from grpo_lightning.train.checkpoints import (
     check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints,
 )
-from grpo_lightning.train.data import GSM8KDataModule
+from grpo_lightning.train.data import PromptDataModule
 from grpo_lightning.train.guard import NonFiniteStepsError
 from grpo_lightning.train.module import GRPOModule
-from grpo_lightning.train.options import FAST_KEYS, FLAT_KEYS, check_max_steps, nest_flat_options
+from grpo_lightning.train.options import check_max_steps
 from grpo_lightning.train.preemption import Preempted, Preemption
 
 TRACEBACK_ENV = "GRPO_TRACEBACK"  # set to 1 to see the traceback of an input error
@@ -90,8 +89,7 @@ class ThreadsCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """The model options that ``--ckpt_path``'s checkpoint saved, over the config's: LightningCLI's (2.6) own
-        step, with the allow-list, the project's message for a file that is not a readable checkpoint, and the
-        flat options of a checkpoint from before the option groups put into their groups."""
+        step, with the allow-list and the project's message for a file that is not a readable checkpoint."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not Path(path).is_file():  # ``last`` and the like: nothing to read here
@@ -99,8 +97,7 @@ class ThreadsCLI(LightningCLI):
         hparams = read_checkpoint(path).get("hyper_parameters", {})  # a CheckpointError names the file
         hparams.pop("_instantiator", None)
         if hparams:
-            model = nest_flat_options(hparams)
-            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -109,34 +106,6 @@ class ThreadsCLI(LightningCLI):
             if threads < 1:
                 raise ValueError(f"torch_threads must be at least 1, got {threads}")
             torch.set_num_threads(threads)
-
-
-# Options that moved: an old config gets one message naming the new key. The module's flat options went
-# into groups (``model.num_generations`` → ``model.sampling.num_generations``), and its per-piece speed
-# switches into ``model.fast``.
-MOVED_KEYS = {
-    "model.log_samples_every_n_steps": "samples.every_n_steps",
-    "model.malloc_mmap_threshold": "malloc_mmap_threshold",
-    **{f"model.{old}": f"model.{new}" for old, new in FLAT_KEYS.items()},
-    **{f"model.{old}": "model.fast" for old in FAST_KEYS},
-}
-
-
-def check_moved_keys(args: list[str]) -> None:
-    """Refuse an old key of :data:`MOVED_KEYS` on the command line or in a ``--config`` file, naming its new key.
-
-    (Checked before parsing: the parser's own error for an unknown key does not say where the option went.)
-    """
-    found = [a.removeprefix("--").split("=")[0] for a in args if a.startswith("--model.")]
-    configs = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-    configs += [b for a, b in zip(args, args[1:]) if a == "--config"]
-    for path in configs:
-        loaded = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-        model = loaded.get("model") if isinstance(loaded, dict) else None
-        found += [f"model.{k}" for k in model] if isinstance(model, dict) else []
-    for key in found:
-        if key in MOVED_KEYS:
-            raise ValueError(f"{key} has moved: set {MOVED_KEYS[key]} instead")
 
 
 class GRPOCLI(ThreadsCLI):
@@ -202,11 +171,10 @@ class GRPOCLI(ThreadsCLI):
 
 def run(args: list[str] | None = None) -> GRPOCLI:
     """Build the CLI and run its subcommand (``args`` instead of ``sys.argv``, for tests), in :func:`run_settings`."""
-    check_moved_keys(sys.argv[1:] if args is None else args)
     with run_settings():
         return GRPOCLI(
             GRPOModule,
-            GSM8KDataModule,
+            PromptDataModule,
             trainer_defaults={"num_sanity_val_steps": 0, "log_every_n_steps": 1},
             save_config_callback=KeepingSaveConfig,
             args=args,

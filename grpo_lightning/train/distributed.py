@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo_lightning.engines.base import rng_state, set_rng_state  # noqa: F401 (re-exported)
+from grpo_lightning.core.random_state import rng_state, set_rng_state  # noqa: F401 (re-exported)
 from grpo_lightning.hf.sharding import gradient_sync, is_sharded
 
 
@@ -110,7 +110,6 @@ def restore_rng_states(states: Any, rank: int, world: int) -> str | None:
     """
     if states is None:
         return None
-    states = [states] if isinstance(states, dict) else states  # a checkpoint of one process, older layout
     if rank < len(states):
         set_rng_state(states[rank])
     if len(states) == world:

@@ -11,6 +11,7 @@ splits them without repeats), the counts are summed over processes, and process 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +73,15 @@ class EvaluationMixin:
     ``sampling`` and ``fast`` options: the greedy completions of a batch, and the ``validate`` hooks."""
 
     def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
-        """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
-        e = self.evaluation
+        """Greedy completions of a batch of prompts, their extracted answers and the task's match (:func:`task_match`)."""
+        e, match = self.evaluation, task_match(self)
         rollout = self.engine.generate(
             self.passes, self.tokenizer, batch["prompt"], 1, e.max_new_tokens or self.sampling.max_new_tokens,
             generation_kwargs={"do_sample": False, **(e.generation_kwargs or {})},
             use_model_generation_config=self.sampling.use_model_generation_config, fast=self.fast,
         )
         return [
-            {"prompt": p, "expected": e, "extracted": extract_model_answer(c), "completion": c, "correct": is_correct(c, e)}
+            {"prompt": p, "expected": e, "extracted": extract_model_answer(c), "completion": c, "correct": match(c, e)}
             for p, e, c in zip(batch["prompt"], batch["expected"], rollout.completions)
         ]
 
@@ -104,6 +105,12 @@ class EvaluationMixin:
         if log_dir is not None:
             self.val_evaluation.write(self.trainer.strategy, Path(log_dir) / "validate_examples.jsonl",
                                       self.trainer.is_global_zero)
+
+
+def task_match(module: Any) -> Callable[[str, str | None], bool]:
+    """The data module's ``answer_match`` (``data.answer_match``); GSM8K's for a module run without one."""
+    datamodule = getattr(module._trainer, "datamodule", None) if module._trainer is not None else None
+    return getattr(datamodule, "answer_match", is_correct)
 
 
 def most_batches(module: Any, mine: int) -> int:

@@ -2,9 +2,10 @@
 
 A step samples G completions for each of B prompts (rollout), scores them with the reward functions
 (scoring), turns rewards into group-relative advantages (a :class:`~grpo_lightning.core.types.GRPOBatch`) and
-runs μ updates of the clipped, KL-penalised objective on that one rollout (manual optimization, so every
-optimizer step is explicit and ``global_step`` counts them: steps × μ). Its options come in the groups of
-:mod:`grpo_lightning.train.options`, which check themselves; ``fast`` picks the speed pieces or the plain path.
+runs μ updates of the clipped, KL-penalised objective on that one rollout (:func:`~grpo_lightning.train.update.grpo_update`;
+manual optimization, so every optimizer step is explicit and ``global_step`` counts them: steps × μ). Its
+options come in the groups of :mod:`grpo_lightning.train.options`, which check themselves; ``fast`` picks the
+CPU speed pieces or the plain layers.
 """
 
 from __future__ import annotations
@@ -18,31 +19,29 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
-from grpo_lightning.core.loss import token_mean_part
 from grpo_lightning.core.scoring import Scores, load_reward_funcs
 from grpo_lightning.core.step import prepare_batch, score_rollout, step_metrics
 from grpo_lightning.core.types import GRPOBatch, Rollout
 from grpo_lightning.engines.base import RolloutEngine
 from grpo_lightning.engines.generate import GenerateEngine
-from grpo_lightning.fast.head_loss import FusedHead
+from grpo_lightning.fast.head_loss import MemorySafeHead
 from grpo_lightning.hf.lora import LoRA
 from grpo_lightning.hf.models import build_policy, check_attn_implementation
-from grpo_lightning.hf.passes import PlainHead, PolicyPasses, held_root
+from grpo_lightning.hf.passes import PolicyPasses, held_root
 from grpo_lightning.hf.sharding import Sharding
 from grpo_lightning.train.callbacks import RandomStates, SampleText
 from grpo_lightning.train.checkpoints import allow_checkpoint_classes
-from grpo_lightning.train.distributed import (
-    gather_rows, gradient_scale, no_backward_sync, seed_this_process, sum_over_processes, synchronize,
-)
+from grpo_lightning.train.distributed import gather_rows, seed_this_process, synchronize
 from grpo_lightning.train.evaluation import EvaluationMixin
 from grpo_lightning.train.guard import SkipGuard
 from grpo_lightning.train.options import (
-    FLAT_KEYS, Evaluation, Loss, Memory, Optimization, Sampling, check_across_groups, check_max_steps,
+    Evaluation, Loss, Memory, Optimization, Sampling, check_across_groups, check_max_steps,
 )
-from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, loss_scale, rounding_warning
+from grpo_lightning.train.precision import clip_grad_norm, grad_scaler, rounding_warning
 from grpo_lightning.train.preemption import at_stage_end, checkpoint_path
-from grpo_lightning.train.sharding import configure_sharding
+from grpo_lightning.train.model_parallel import configure_sharding
 from grpo_lightning.train.reference import build_reference, reference_logprobs, refresh_reference
+from grpo_lightning.train.update import UpdateResult, grpo_update
 from grpo_lightning.engines.mixin import RolloutMixin
 
 
@@ -62,17 +61,18 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         optimization: μ, clipping, skipped steps, reference refreshes (:class:`~grpo_lightning.train.options.Optimization`).
         memory: Checkpointing and row chunks, which trade time for memory (:class:`~grpo_lightning.train.options.Memory`).
         evaluation: Greedy evaluation's length and ``generate`` arguments (:class:`~grpo_lightning.train.options.Evaluation`).
-        fast: Run the speed pieces of :mod:`grpo_lightning.fast` where they apply: the update's loss gradient
-            inside the LM-head pass with fused gated MLPs and the tied embedding's one gradient buffer,
-            log-probs that recompute each chunk, oneDNN products for the fp32 CPU passes without a graph
-            (sampling, reference) and the inverse-CDF sampler. Off: the plain path (:class:`PlainHead`, plain
-            ``nn.Linear``, ``generate``'s own sampling). Both give the same update up to float rounding.
+        fast: Run the CPU speed pieces of :mod:`grpo_lightning.fast` where they apply: oneDNN products for
+            the fp32 CPU passes without a graph (sampling, reference), the inverse-CDF sampler, a rollout's
+            decoding buffers kept in the heap, and the update's fused gated MLPs. Off: plain ``nn.Linear``,
+            ``generate``'s own sampling, the model's own MLPs. Both give the same update up to float
+            rounding. Either way the LM head never holds full-vocabulary logits for all rows
+            (:class:`~grpo_lightning.fast.head_loss.MemorySafeHead`).
         optimizer: Optimizer factory; default Adam with lr 5e-6 (the seed's), fused.
         lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
             reference is then the policy with its adapters switched off, not a second copy.
         rollout: The rollout engine, a class path with ``init_args`` (:mod:`grpo_lightning.engines`, docs/vllm.md).
-        sharding: Shard the policy and the reference with FSDP2 (:mod:`grpo_lightning.train.sharding`; with
+        sharding: Shard the policy and the reference with FSDP2 (:mod:`grpo_lightning.train.model_parallel`; with
             ``trainer.strategy: ModelParallelStrategy``, docs/several-gpus.md); ``None`` for one copy per process.
     """
 
@@ -107,7 +107,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         self.reward_funcs = load_reward_funcs(loss.reward_funcs, loss.reward_weights)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rollout"])
         # The options themselves: under the command line the saved hyperparameters are the config's plain dicts.
-        self.sampling, self.loss, self.optimization = sampling, loss, optimization
+        # (``loss_options``: the group beside the loss tensors, not a loss)
+        self.sampling, self.loss_options, self.optimization = sampling, loss, optimization
         self.memory, self.evaluation, self.fast, self.sharding = memory, evaluation, fast, sharding
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -117,9 +118,9 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             meta=sharding is not None, **self.load_options,
         )
         self.reference = build_reference(self.policy, loss.beta, lora)
-        self.head = FusedHead() if fast else PlainHead()  # how the passes run the LM head
+        self.head = MemorySafeHead(fused_mlps=fast)  # how the passes run the LM head, on every device
         self.timings: dict[str, float] = {}
-        self._loss_scale, self._grad_norm = 1.0, torch.zeros(())
+        self._grad_norm = torch.zeros(())
         self.guard = SkipGuard(optimization.max_consecutive_skips)
         self.engine = rollout if rollout is not None else GenerateEngine()
 
@@ -178,13 +179,6 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        flat = sorted(FLAT_KEYS.keys() & checkpoint.get("hyper_parameters", {}).keys())
-        if flat and self._trainer is None:  # built by load_from_checkpoint, which drops options it does not know
-            raise ValueError(
-                f"the checkpoint's options are flat ({', '.join(flat[:3])}, ...), as before model.sampling and the "
-                "other groups: resume it with the command line's --ckpt_path, which puts them in their groups, "
-                "or build the module from nest_flat_options(hyper_parameters) (grpo_lightning.train.options)"
-            )
         self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
         if "skip_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["skip_guard"])
@@ -202,15 +196,14 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
 
     def _logprobs(self, root: PolicyPasses, rollout: Rollout, inside: Any = None) -> torch.Tensor:
         s = self.sampling
-        return root(
-            "logprobs", rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
-            self.memory.logprob_chunk_rows, group=s.num_generations if s.share_prompt else 1,
-            temperature=s.temperature, inside=inside,
+        return root.logprobs(
+            rollout.input_ids, rollout.attention_mask, rollout.prompt_length, chunk_rows=self.memory.logprob_chunk_rows,
+            group=s.num_generations if s.share_prompt else 1, temperature=s.temperature, inside=inside,
         )
 
     def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
         return reference_logprobs(
-            self.reference_passes, self.passes, self.loss.beta, lambda root, inside: self._logprobs(root, rollout, inside),
+            self.reference_passes, self.passes, self.loss_options.beta, lambda root, inside: self._logprobs(root, rollout, inside),
             fast=self.fast,
         )
 
@@ -232,7 +225,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             raise type(e)(f"{e}; checkpoint written to {path} (resume with --ckpt_path)") from e
         # a bad reward function stops the step here, before any update
         scores = score_rollout(self.reward_funcs, batch, rollout, self.sampling.num_generations)
-        data = self._timed("reference", self._advantages, rollout, scores)
+        data = self._advantages(rollout, scores)
+        data.ref_logp = self._timed("reference", self._reference_logprobs, rollout)  # None at β = 0
         stats = self._timed("update", self._update, data)
         self.engine.update_weights(self.policy)  # the next rollout samples from the updated weights
         self._log_step(data, stats)
@@ -250,64 +244,18 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         return out
 
     def _advantages(self, rollout: Rollout, scores: Scores) -> GRPOBatch:
-        """Advantages, the loss mask and the step's counts; then the reference log-probs (skipped when β = 0)."""
-        loss = self.loss
+        """Advantages, the loss mask and the step's counts (the reference log-probs come after)."""
+        loss = self.loss_options
         # With several processes the step is every process's rows: counts, the batch reward scale and the
         # logged metrics come from all of them (one gather), so the loss does not depend on their number.
-        data = prepare_batch(
+        return prepare_batch(
             rollout, scores, self.sampling.num_generations, loss.scale_rewards, loss.mask_truncated_completions,
             gather=functools.partial(gather_rows, self._strategy),
         )
-        data.ref_logp = self._reference_logprobs(rollout)
-        return data
 
-    def _update(self, data: GRPOBatch) -> dict:
-        """μ optimizer steps on one rollout; rows are processed ``rows_per_update`` at a time.
-
-        The first update runs on the weights that sampled the rollout, so its log-probs, detached, are the
-        old policy's: later updates take their ratio against them (at μ = 1 the ratio is exactly 1). Each
-        chunk's loss and statistics are already its part of the step's (the denominators are the step's
-        counts), so they are summed: the gradient is that of the uncut step.
-
-        With several processes each one runs its own rows; the denominators count every process's rows, so the
-        parts sum over processes too. DDP and FSDP average gradients over processes, hence the loss is scaled
-        by their number, and every chunk but the last skips the gradient all-reduce (one per optimizer step).
-        """
-        mu, optimizer, scheduler = self.optimization.mu, self.optimizers(), self.lr_schedulers()
-        mask = data.loss_mask
-        n, per = mask.shape[0], self.memory.rows_per_update or mask.shape[0]  # this process's rows, rows per chunk
-        scaler = grad_scaler(self._trainer)  # fp16's GradScaler, or None
-        scale, self._loss_scale = gradient_scale(self._strategy), loss_scale(scaler)
-        old_logp = torch.zeros(mask.shape, device=self.device) if mu > 1 else None  # [n, C]
-        totals: dict[str, torch.Tensor] = {}
-        for update in range(mu):  # (no gradients here: each step ends by freeing its own)
-            totals = {}
-            for start in range(0, n, per):
-                rows = slice(start, start + per)
-                last = start + per >= n  # the chunk whose backward reduces the accumulated gradients
-                with no_backward_sync(self._strategy, enabled=not last, root=self.passes):
-                    logp, entropy, loss, stats = self._rows_loss(data, rows, None if update == 0 else old_logp)
-                    if update == 0 and old_logp is not None:
-                        old_logp[rows] = logp.detach()
-                    self.manual_backward(loss if scale == 1 else loss * scale)
-                stats = {"loss": loss.detach(), **stats, "entropy": token_mean_part(entropy, mask[rows], data.num_tokens)}
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0) + value
-            if scaler is None:  # (a GradScaler's gradients are clipped once unscaled, in the step's hook)
-                self._clip_gradients()
-            # a non-finite loss or norm skips the step (a GradScaler skips its own overflows: the loss is judged)
-            if not self.guard.allow_step(self.trainer, totals["loss"], None if scaler else self._grad_norm):
-                optimizer.zero_grad()  # skipped: weights, Adam's state and step count, scheduler all unchanged
-                continue
-            optimizer.step()
-            # Autocast may have cached bf16 casts of the weights the step just changed in place (Lightning < 2.6
-            # keeps its cache on): the next update must read the new weights.
-            torch.clear_autocast_cache()
-            optimizer.zero_grad()  # the gradients are spent: sampling and the next forward pass reuse their memory
-            if scheduler is not None:
-                scheduler.step()
-        # statistics of the last of the μ updates, whole step (the norm is already every process's gradients')
-        return {**sum_over_processes(self._strategy, totals), "grad_norm": self._grad_norm}
+    def _update(self, data: GRPOBatch) -> UpdateResult:
+        """μ optimizer steps on the rollout: :func:`~grpo_lightning.train.update.grpo_update`, the loop itself."""
+        return grpo_update(self, data)
 
     def _clip_gradients(self) -> None:
         """Clip the trainable gradients (true values, not loss-scaled) to ``grad_clip``; keep their norm before it."""
@@ -321,24 +269,15 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         # scaler records it, and the fused step does not unscale again).
         scaler = grad_scaler(self._trainer)
         if scaler is None:
-            return  # the gradients were clipped before the step (:meth:`_update`)
+            return  # the gradients were clipped before the step (:func:`~grpo_lightning.train.update.grpo_update`)
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)
         self._clip_gradients()
 
-    def _rows_loss(self, data: GRPOBatch, rows: slice, old_logp: torch.Tensor | None) -> tuple:
-        s, loss = self.sampling, self.loss
-        return self.passes(
-            "loss", data, rows, old_logp, chunk_rows=self.memory.logprob_chunk_rows,
-            group=s.num_generations if s.share_prompt else 1, temperature=s.temperature, loss_scale=self._loss_scale,
-            clip_eps=loss.clip_eps, beta=loss.beta, epsilon_high=loss.epsilon_high, loss_type=loss.loss_type,
-            max_new_tokens=s.max_new_tokens,
-        )
-
-    def _log_step(self, data: GRPOBatch, stats: dict) -> None:
+    def _log_step(self, data: GRPOBatch, update: UpdateResult) -> None:
         # Every value but the timings (this process's) is already the whole step's, the same on every process.
-        N = data.num_sequences
-        metrics = step_metrics(data)
+        N, stats = data.num_sequences, update.stats
+        metrics = step_metrics(data, update.importance_ratios)
         self.log("reward", metrics.pop("reward"), prog_bar=True, batch_size=N)
         lr = torch.tensor(self.optimizers().param_groups[0]["lr"])
         timings = {f"time/{k}": torch.tensor(v) for k, v in self.timings.items()}

@@ -5,16 +5,12 @@ Each group is a frozen dataclass under its own config key (``model.sampling``, `
 its full key before any model loads. Names follow TRL's ``GRPOConfig`` where TRL has the option. Checks
 that span groups (``rows_per_update`` against ``num_generations``, LoRA against ``ref_update_every``) are the
 module's; :func:`check_max_steps` is the trainer's step count against ``mu``.
-
-Configs written before the groups set these options flat (``model.num_generations``): :data:`FLAT_KEYS`
-names each one's group, for the command line's message and for checkpoints saved with flat
-hyperparameters (:func:`nest_flat_options`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from grpo_lightning.core.advantages import REWARD_SCALES
@@ -177,30 +173,6 @@ class Evaluation:
 
 
 GROUPS = {"sampling": Sampling, "loss": Loss, "optimization": Optimization, "memory": Memory, "evaluation": Evaluation}
-# Each option's key before the groups → its key now (evaluation's lost their ``eval_`` prefix).
-FLAT_KEYS = {
-    **{f.name: f"{group}.{f.name}" for group, cls in GROUPS.items() if group != "evaluation" for f in fields(cls)},
-    "eval_max_new_tokens": "evaluation.max_new_tokens",
-    "eval_generation_kwargs": "evaluation.generation_kwargs",
-}
-# Per-piece switches of the speed code, now all one: ``model.fast``.
-FAST_KEYS = ("fused_head_loss", "logprob_recompute")
-
-
-def nest_flat_options(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameters saved with flat options (a checkpoint from before the groups), grouped as now.
-
-    The per-piece speed switches are dropped: ``model.fast`` (on by default) covers them, and both paths
-    give the same update. Hyperparameters already grouped come back unchanged.
-    """
-    out, groups = {}, {}
-    for key, value in hparams.items():
-        if key in FLAT_KEYS:
-            group, name = FLAT_KEYS[key].split(".")
-            groups.setdefault(group, {})[name] = value
-        elif key not in FAST_KEYS:
-            out[key] = value
-    return {**out, **groups}  # as the command line saves them: plain values, checked when the module is built
 
 
 def check_max_steps(max_steps: int, mu: int) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning as L
 
-from grpo_lightning.engines.base import rng_state, set_rng_state
+from grpo_lightning.core.random_state import rng_state, set_rng_state
 from grpo_lightning.train.guard import any_process
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -11,7 +11,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
 from grpo_lightning.builtin.answer_format import build_prompt
+from grpo_lightning.core.imports import import_object
 from grpo_lightning.train.data.records import DEFAULT_ANSWER_EXTRACTOR, read_split
+
+DEFAULT_ANSWER_MATCH = "grpo_lightning.builtin.gsm8k.is_correct"
 
 
 def collate(records: list[dict]) -> dict[str, list[str]]:
@@ -45,7 +48,7 @@ class PromptStream(IterableDataset):
             yield collate([self.records[i] for i in batch_ids])
 
 
-class GSM8KDataModule(L.LightningDataModule):
+class PromptDataModule(L.LightningDataModule):
     """Training prompts in batches of ``batch_size`` and an evaluation set, from GSM8K or a look-alike.
 
     Args:
@@ -67,6 +70,9 @@ class GSM8KDataModule(L.LightningDataModule):
         answer_field: The field that holds the answer (worked solution and final answer, for GSM8K).
         answer_extractor: Import path of a function from the answer text to the final answer, or ``None``
             when it has none; the default takes the text after ``####``.
+        answer_match: Import path of the evaluation's match, ``f(completion, expected) -> bool``; the
+            default is GSM8K's (the seed's: exact, else single number, else last number), which the
+            arithmetic task's answers share.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class GSM8KDataModule(L.LightningDataModule):
         question_field: str = "question",
         answer_field: str = "answer",
         answer_extractor: str = DEFAULT_ANSWER_EXTRACTOR,
+        answer_match: str = DEFAULT_ANSWER_MATCH,
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -97,6 +104,7 @@ class GSM8KDataModule(L.LightningDataModule):
         if chat_template and not tokenizer_name_or_path:
             raise ValueError("data.chat_template needs data.tokenizer_name_or_path")
         self.save_hyperparameters()
+        self.answer_match = import_object(answer_match)  # imported now: a wrong path fails before any model loads
         self.train_records: list[dict] | None = None
         self.eval_records: list[dict] | None = None
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
-from grpo_lightning.core.scoring import import_object
+from grpo_lightning.core.imports import import_object
 from grpo_lightning.train.data import builtin, hub, local, task
 
 DEFAULT_ANSWER_EXTRACTOR = "grpo_lightning.builtin.gsm8k.extract_dataset_answer"  # GSM8K's: the text after "####"

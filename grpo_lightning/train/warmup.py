@@ -6,7 +6,7 @@ does the same on any GSM8K-form data: the dataset's reasoning lines become ``<re
 ``####`` becomes ``<answer>`` (:func:`grpo_lightning.builtin.arithmetic.completion_text`), and the loss is the
 cross-entropy of the completion tokens and the EOS that ends them, never of the prompt.
 
-    python -m grpo_lightning.builtin.warmup fit --config configs/warmup-tiny.yaml
+    python -m grpo_lightning.train.warmup fit --config configs/warmup-tiny.yaml
 
 The trained weights and tokenizer are written with ``save_pretrained`` to ``model.save_dir`` when
 training ends, ready for ``model.model_name_or_path`` of a GRPO config.
