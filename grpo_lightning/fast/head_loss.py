@@ -19,11 +19,11 @@ know g before the loss exists. :class:`HeadLoss` takes the loss itself, computes
 exist and so needs three; the update uses it (:class:`MemorySafeHead`, on every device).
 
 Precision. The head products run as autocast runs ``F.linear`` (bf16 or fp16 on a GPU, or ``bf16-mixed``
-on the CPU), the softmax, logsumexp and entropy always in fp32. A backward pass that computes runs under the
-autocast state its forward recorded. Under ``16-mixed`` the GradScaler multiplies the loss by S before the
-backward pass, but :class:`HeadLoss` takes its gradients inside the forward pass: it is told S
-(``loss_scale``) and forms its fp16 products on S-scaled values, as the backward pass would have, so small
-gradients do not underflow; its backward then scales by the incoming gradient over S.
+on the CPU), the softmax, logsumexp and entropy in fp32 (fp64 for fp64 weights). A backward pass that
+computes runs under the autocast state its forward recorded. Under ``16-mixed`` the GradScaler multiplies
+the loss by S before the backward pass, but :class:`HeadLoss` takes its gradients inside the forward pass:
+it is told S (``loss_scale``) and forms its fp16 products on S-scaled values, as the backward pass would
+have, so small gradients do not underflow; its backward then scales by the incoming gradient over S.
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ from grpo_lightning.hf.models import causal_lm, is_checkpointing
 from grpo_lightning.hf.passes import LossFn, PlainHead, completion_hidden
 
 
+def _wide(weight: Tensor) -> torch.dtype:
+    """The dtype the head's softmax runs in: fp32, or fp64 for fp64 weights (``trainer.precision: 64-true``)."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    z = linear(h, weight, bias).float()  # [n, C, V]
+    z = linear(h, weight, bias).to(_wide(weight))  # [n, C, V]
     return z.div_(temperature) if temperature != 1.0 else z
 
 
@@ -82,7 +87,7 @@ def _softmax_in_place(z: Tensor, block: int | None = None) -> tuple[Tensor, Tens
     """
     flat = z.view(-1, z.shape[-1])  # [n·C, V]
     block = block or softmax_block_rows(flat.shape[0], flat.shape[1])
-    lse, entropy = torch.empty(flat.shape[0], device=z.device), torch.empty(flat.shape[0], device=z.device)
+    lse, entropy = flat.new_empty(flat.shape[0]), flat.new_empty(flat.shape[0])
     for start in range(0, flat.shape[0], block):
         zb = flat[start : start + block]
         m = zb.amax(-1, keepdim=True)
@@ -104,7 +109,7 @@ class HeadLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, with_entropy):
         N, C, _ = hidden.shape
-        logp = torch.empty(N, C, dtype=torch.float32, device=hidden.device)
+        logp = torch.empty(N, C, dtype=_wide(weight), device=hidden.device)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
         for start in range(0, N, chunk_rows):
@@ -132,7 +137,7 @@ class HeadLogProb(torch.autograd.Function):
         with autocast_as(ctx.amp):  # the recomputed logits must be the forward's
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                h, scale = hidden[rows], grad_logp[rows].float() / T  # [n, C, H], [n, C]
+                h, scale = hidden[rows], grad_logp[rows].to(lse.dtype) / T  # [n, C, H], [n, C]
                 dz = _logits(h, weight, bias, T).sub_(lse[rows].unsqueeze(-1)).exp_()  # p, in place
                 dz.mul_(-scale.unsqueeze(-1)).scatter_add_(-1, targets[rows].unsqueeze(-1), scale.unsqueeze(-1))
                 dz = dz.to(weight.dtype)  # a no-op in fp32; in half precision the products run as the forward's did
@@ -167,8 +172,8 @@ class HeadLoss(torch.autograd.Function):
         dh = torch.zeros_like(hidden) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros_like(bias) if need_b else None
-        logp = torch.empty(N, C, dtype=torch.float32, device=hidden.device)
-        entropy, total, stats = torch.empty_like(logp), torch.zeros((), device=hidden.device), {}
+        logp = torch.empty(N, C, dtype=_wide(weight), device=hidden.device)
+        entropy, total, stats = torch.empty_like(logp), logp.new_zeros(()), {}
         for start in range(0, N, chunk_rows):
             rows, h, t = slice(start, start + chunk_rows), hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
             z = _logits(h, weight, bias, temperature)  # [n, C, V]
