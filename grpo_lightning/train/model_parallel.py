@@ -79,6 +79,7 @@ def configure_sharding(module: Any) -> None:
     roots = [module.passes] + ([module.reference_passes] if module.reference is not None else [])
     for root in roots:
         shard(root, mesh, module.sharding, trains=root is module.passes)
-    full = full_checkpoint_state(hp.model_name_or_path, hp.dtype, **module.load_options) if trainer.global_rank == 0 else {}
+    load = {k: hp[k] for k in ("attn_implementation", "revision", "trust_remote_code")}  # as the module loaded
+    full = full_checkpoint_state(hp.model_name_or_path, hp.dtype, **load) if trainer.global_rank == 0 else {}
     for root in roots:
         materialize(root, full, trainer.strategy.root_device)

@@ -26,7 +26,7 @@ from grpo_lightning.engines.base import RolloutEngine
 from grpo_lightning.engines.generate import GenerateEngine
 from grpo_lightning.fast.head_loss import MemorySafeHead
 from grpo_lightning.hf.lora import LoRA
-from grpo_lightning.hf.models import build_policy, check_attn_implementation
+from grpo_lightning.hf.models import build_policy
 from grpo_lightning.hf.passes import PolicyPasses, held_root
 from grpo_lightning.hf.sharding import Sharding
 from grpo_lightning.train.callbacks import RandomStates, SampleText
@@ -101,9 +101,6 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         if sharding is not None and lora is not None:
             raise ValueError("model.lora cannot be combined with model.sharding: LoRA with FSDP2 is not supported yet")
         # imported now: a wrong path fails before any model loads
-        check_attn_implementation(attn_implementation)
-        self.load_options = {"attn_implementation": attn_implementation, "revision": revision,
-                             "trust_remote_code": trust_remote_code}
         self.reward_funcs = load_reward_funcs(loss.reward_funcs, loss.reward_weights)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rollout"])
         # The options themselves: under the command line the saved hyperparameters are the config's plain dicts.
@@ -115,7 +112,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         # sharded: the structure only, on the meta device; process 0 reads the weights in configure_model
         self.policy, self.tokenizer = build_policy(
             model_name_or_path, dtype, lora, memory.gradient_checkpointing, memory.input_require_grads,
-            meta=sharding is not None, **self.load_options,
+            meta=sharding is not None, attn_implementation=attn_implementation, revision=revision,
+            trust_remote_code=trust_remote_code,
         )
         self.reference = build_reference(self.policy, loss.beta, lora)
         self.head = MemorySafeHead(fused_mlps=fast)  # how the passes run the LM head, on every device
