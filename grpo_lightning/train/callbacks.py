@@ -158,7 +158,8 @@ class SampleText(L.Callback):
     """A few completions of the step's first prompt, with their rewards, as text in TensorBoard.
 
     Args:
-        every_n_steps: Log them every N rollout steps; 0 never.
+        every_n_steps: Log them every N rollout steps (training batches: ``GRPOModule.rollout_steps``, which a
+            skipped optimizer step does not shift); 0 never.
     """
 
     def __init__(self, every_n_steps: int = 10):

@@ -116,7 +116,8 @@ class Optimization:
             0 disables it.
         max_consecutive_skips: An optimizer step whose loss or gradient norm is not finite is skipped (weights,
             optimizer, scheduler and ``global_step`` unchanged); after this many in a row the run stops. 0: never.
-        ref_update_every: Copy the policy into the reference every N steps (the seed's outer iterations); 0 never.
+        ref_update_every: Copy the policy into the reference every N rollout steps (the seed's outer iterations; counted
+            as training batches, so a skipped optimizer step does not shift it); 0 never.
             Refused with LoRA, whose reference is the base model.
         reset_optimizer_on_ref_update: Clear the optimizer state at each reference refresh, as the seed does.
     """
