@@ -1,4 +1,4 @@
-"""Callbacks: GSM8K accuracy before and after training, export in Hugging Face format, the random states
+"""Callbacks: GSM8K accuracy before and after training (:mod:`grpo_lightning.train.accuracy`), export in Hugging Face format, the random states
 in checkpoints, a progress bar."""
 
 from __future__ import annotations
@@ -15,65 +15,13 @@ from grpo_lightning.hf.sharding import full_state_dict, is_sharded
 from grpo_lightning.hf.lora import is_lora, save_lora
 from grpo_lightning.train.atomic import atomic_dir
 from grpo_lightning.train.distributed import gather_objects, restore_rng_states
-from grpo_lightning.train.evaluation import evaluate
+from grpo_lightning.train.accuracy import AccuracyCallback
+
+__all__ = ["AccuracyCallback", "GRPOProgressBar", "HFExport", "RandomStates", "SampleText"]
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-class AccuracyCallback(L.Callback):
-    """GSM8K accuracy of the policy on the evaluation set before training starts and after it ends.
-
-    Logs ``eval/accuracy_before``, ``eval/accuracy_after`` and ``eval/improvement`` to every logger, prints
-    them, and writes each example (prompt, expected, extracted, completion, correct) to
-    ``eval_before.jsonl`` / ``eval_after.jsonl`` in the run's log directory. A resumed run keeps the
-    accuracy measured before its first start instead of measuring the half-trained model again.
-
-    Args:
-        before: Measure accuracy before training.
-        after: Measure accuracy after training.
-    """
-
-    def __init__(self, before: bool = True, after: bool = True):
-        self.before, self.after = before, after
-        self.accuracy_before: float | None = None
-        self.accuracy_after: float | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"accuracy_before": self.accuracy_before}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.accuracy_before = state_dict.get("accuracy_before")
-
-    def evaluate(self, trainer: L.Trainer, module: Any, stage: str) -> float:
-        # on every process: trainer.log_dir broadcasts
-        path = _log_dir(trainer) / f"eval_{stage}.jsonl"
-        return evaluate(trainer, module, path, f"Accuracy {stage} training")
-
-    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.save()
-
-    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
-        if not self.before or self.accuracy_before is not None:
-            return
-        self.accuracy_before = self.evaluate(trainer, module, "before")
-        self._log(trainer, {"eval/accuracy_before": self.accuracy_before})
-        rank_zero_info(f"Accuracy on the evaluation set before training: {self.accuracy_before:.2%}")
-
-    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
-        if not self.after:
-            return
-        self.accuracy_after = self.evaluate(trainer, module, "after")
-        metrics = {"eval/accuracy_after": self.accuracy_after}
-        message = f"Accuracy on the evaluation set after training: {self.accuracy_after:.2%}"
-        if self.accuracy_before is not None:
-            metrics["eval/improvement"] = self.accuracy_after - self.accuracy_before
-            message += f" (before {self.accuracy_before:.2%}, change {metrics['eval/improvement']:+.2%})"
-        self._log(trainer, metrics)
-        rank_zero_info(message)
 
 
 class HFExport(L.Callback):
