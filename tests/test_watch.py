@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import grpo_lightning.train.accuracy as accuracy_file
 from grpo_lightning.train.cli import run
+from grpo_lightning.train.export import export_checkpoint
 
 pytestmark = pytest.mark.slow  # fit runs of several steps
 
@@ -64,7 +66,7 @@ def counting_evaluate(monkeypatch) -> list[str]:
 def test_the_curve_lands_at_global_steps_and_after_is_its_last_point(tmp_path, monkeypatch):
     """μ = 2, val_check_interval 2 (training batches = rollout steps): points at optimizer steps 0, 4, 8."""
     calls = counting_evaluate(monkeypatch)
-    cli = run(["fit", "--config", str(watch_config(tmp_path, "curve", mu=2))])
+    cli = run(["fit", "--config", str(watch_config(tmp_path, "curve", mu=2)), "--export.weights", "best"])
     log_dir = Path(cli.trainer.log_dir)
     points = curve(log_dir)
     assert [step for step, _ in points] == [0, 4, 8]
@@ -83,6 +85,12 @@ def test_the_curve_lands_at_global_steps_and_after_is_its_last_point(tmp_path, m
     best = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
     assert best["global_step"] == max(during, key=lambda p: p[1])[0]
     assert cli.trainer.checkpoint_callback.best_model_score.item() == pytest.approx(max(v for _, v in during))
+    # exported from the best checkpoint (export.weights: best), and the same again by the command after the run
+    policy = {k.removeprefix("policy."): v for k, v in best["state_dict"].items() if k.startswith("policy.")}
+    again = export_checkpoint(cli.trainer.checkpoint_callback.best_model_path, tmp_path / "again")
+    for exported in (log_dir / "hf_model", again):
+        weights = load_file(exported / "model.safetensors")
+        assert all(torch.equal(weights[k], policy[k]) for k in weights) and len(weights) > 0
     # what changed: the rows whose correctness differs, counted in TensorBoard
     before, after = rows(log_dir / "eval_before.jsonl"), rows(log_dir / "eval_after.jsonl")
     flips = [(b["correct"], a["correct"]) for b, a in zip(before, after) if b["correct"] != a["correct"]]

@@ -14,6 +14,7 @@ from grpo_lightning.engines.base import rng_state
 from grpo_lightning.hf.sharding import full_state_dict, is_sharded
 from grpo_lightning.hf.lora import is_lora, save_lora
 from grpo_lightning.train.atomic import atomic_dir
+from grpo_lightning.train.checkpoints import read_checkpoint
 from grpo_lightning.train.distributed import gather_objects, restore_rng_states
 from grpo_lightning.train.accuracy import AccuracyCallback
 
@@ -29,19 +30,26 @@ class HFExport(L.Callback):
 
     A LoRA policy is saved merged (weights W + (alpha / r)·B·A, a plain model that ``AutoModelForCausalLM``
     loads), with its adapters alone in ``adapter/`` inside the export directory (``PeftModel.from_pretrained``).
+    Any checkpoint can be exported after the run: ``python -m grpo_lightning.train.export CKPT DIR``.
 
     Args:
         export_dir: Where to save; ``None`` for ``hf_model`` in the run's log directory.
         overwrite: Allow replacing a non-empty ``export_dir``; otherwise fit refuses to start.
+        weights: ``last``: the weights at the end of fit; ``best``: the best checkpoint's (``checkpoint.monitor``,
+            e.g. ``val/accuracy``), loaded into the policy first (the last weights when no best was saved).
     """
 
-    def __init__(self, export_dir: str | None = None, overwrite: bool = False):
-        self.export_dir, self.overwrite = export_dir, overwrite
+    def __init__(self, export_dir: str | None = None, overwrite: bool = False, weights: str = "last"):
+        if weights not in ("last", "best"):
+            raise ValueError(f"export.weights must be 'last' or 'best', got {weights!r}")
+        self.export_dir, self.overwrite, self.weights = export_dir, overwrite, weights
         self.path: Path | None = None
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        if self.weights == "best" and getattr(trainer.checkpoint_callback, "monitor", None) is None:
+            raise ValueError("export.weights: best needs checkpoint.monitor (val/accuracy, with checkpoint.mode: max)")
         self.path = Path(self.export_dir) if self.export_dir else _log_dir(trainer) / "hf_model"
         self.check(self.path)
 
@@ -56,6 +64,8 @@ class HFExport(L.Callback):
             )
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        if self.weights == "best":
+            load_best(trainer, module)
         # sharded weights are gathered first, on every process (one full copy, on process 0)
         full = full_state_dict(module.policy) if is_sharded(module.passes) else None
         if trainer.is_global_zero:
@@ -74,6 +84,18 @@ class HFExport(L.Callback):
             rank_zero_info(f"Saved the merged model and tokenizer to {self.path}, the LoRA adapters to {self.path / 'adapter'}")
         else:
             rank_zero_info(f"Saved the fine-tuned model and tokenizer to {self.path}")
+
+
+def load_best(trainer: L.Trainer, module: Any) -> None:
+    """Load the best checkpoint's weights into ``module`` (every process); warn and keep the last when there is none."""
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    if not best:
+        rank_zero_warn("export.weights is best, but no best checkpoint was saved (no evaluation ran): exporting the last weights")
+        return
+    if is_sharded(module.passes):
+        raise ValueError(f"export.weights: best cannot load sharded checkpoint {best}; export it after the run instead")
+    module.load_state_dict(read_checkpoint(best)["state_dict"])
+    rank_zero_info(f"Exporting the best checkpoint's weights: {best}")
 
 
 class RandomStates(L.Callback):
