@@ -115,6 +115,7 @@ class AccuracyCallback(L.Callback):
         self.changed = changes(self.before_rows, after.rows)
         up = sum(r["change"] == "wrong_to_right" for r in self.changed)
         metrics["eval/wrong_to_right"], metrics["eval/right_to_wrong"] = float(up), float(len(self.changed) - up)
+        path = _log_dir(trainer) / "eval_changes.jsonl"  # (on every process: the log directory is broadcast)
         if trainer.is_global_zero:
-            write_rows(self.changed, _log_dir(trainer) / "eval_changes.jsonl")
+            write_rows(self.changed, path)
         return f"; {up} problems went from wrong to right, {len(self.changed) - up} from right to wrong"
