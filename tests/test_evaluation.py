@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from grpo_lightning.train.accuracy import changes
+from grpo_lightning.train.options import Evaluation
 from grpo_lightning.train.evaluation import EvaluationMixin, Scored, accuracy_of, evaluate, free_path, write_rows
 
 BATCHES = [{"prompt": ["a", "b"], "expected": ["1", "2"]}, {"prompt": ["c"], "expected": ["1"]}]
@@ -18,6 +19,7 @@ class Scorer(EvaluationMixin):
     """A module whose "completion" of a prompt is its expected answer 1: right on the prompts that expect 1."""
 
     device = "cpu"
+    evaluation = Evaluation()
 
     def __init__(self, trainer=None):
         self.trainer, self.logged = trainer, []
@@ -112,3 +114,20 @@ def test_changes_are_the_problems_whose_correctness_flipped():
     changed = changes(before, after)
     assert [(r["change"], r["before_extracted"], r["extracted"]) for r in changed] == [
         ("wrong_to_right", "3", "7"), ("right_to_wrong", "4", "9")]
+
+
+def test_sampled_rows_give_mean_accuracy_pass_at_k_and_majority_vote():
+    from grpo_lightning.train.evaluation import sampled_metrics, sampled_rows
+
+    a = lambda x: f"<answer>{x}</answer>"  # noqa: E731
+    # problem 1 (expects 7): answers 7, 3, 3 → 1 of 3 right, pass@3 true, majority 3 wrong
+    # problem 2 (expects 5): answers 5, 5, 2 → 2 of 3 right, pass@3 true, majority 5 right
+    # problem 3 (expects 9): answers 1, 2, 4 → none right, all equal once: the majority is the first seen, 1
+    rows = sampled_rows(["p", "q", "r"], ["7", "5", "9"],
+                        [a(7), a(3), a(3), a(5), a(5), a(2), a(1), a(2), a(4)], 3)
+    assert [r["correct"] for r in rows] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 0.0]
+    assert [r["majority"] for r in rows] == ["3", "5", "1"]
+    assert [r["majority_correct"] for r in rows] == [False, True, False]
+    assert accuracy_of(rows) == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)  # pass@1 estimated over 3 samples: 1/3
+    assert sampled_metrics(rows, 3, "val/") == {"val/pass@3": pytest.approx(2 / 3), "val/maj@3": pytest.approx(1 / 3)}
+    assert sampled_metrics([{"correct": True}], 3, "val/") == {}  # greedy rows: nothing beside the accuracy

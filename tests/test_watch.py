@@ -134,3 +134,13 @@ def test_resume_gives_the_same_series_and_keeps_the_best(tmp_path):
     a, b = full.trainer.checkpoint_callback, resumed.trainer.checkpoint_callback
     assert b.best_model_score == a.best_model_score
     assert Path(b.best_model_path).name == Path(a.best_model_path).name
+
+
+def test_evaluating_during_fit_leaves_the_training_as_it_was(tmp_path):
+    """The evaluations draw no random number that training would have: the same weights with and without them."""
+    watched = run(["fit", "--config", str(watch_config(tmp_path, "watched")), "--eval.before", "false"])
+    plain = run(["fit", "--config", str(watch_config(tmp_path, "plain")), "--trainer.val_check_interval", "null",
+                 "--eval.before", "false", "--checkpoint.monitor", "null", "--checkpoint.save_top_k", "0"])
+    assert len(curve(Path(watched.trainer.log_dir))) == 2 and len(curve(Path(plain.trainer.log_dir))) == 1
+    a, b = watched.model.policy.state_dict(), plain.model.policy.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

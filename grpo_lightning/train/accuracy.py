@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from grpo_lightning.train.evaluation import Scored, evaluate, log_to_loggers, write_rows
+from grpo_lightning.train.evaluation import Scored, evaluate, log_to_loggers, sampled_metrics, write_rows
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
@@ -29,7 +29,8 @@ def fit_eval_size(trainer: L.Trainer) -> int | None:
 
 def changes(before: list[dict], after: list[dict]) -> list[dict]:
     """The after-rows whose correctness differs from before's (same problems, same order), each with
-    ``change`` (``wrong_to_right`` or ``right_to_wrong``) and the answer extracted before."""
+    ``change`` (``wrong_to_right`` or ``right_to_wrong``) and the answer extracted before. (Sampled rows count
+    as right when any of their samples is.)"""
     return [
         {"change": "wrong_to_right" if a["correct"] else "right_to_wrong", "before_extracted": b["extracted"], **a}
         for b, a in zip(before, after)
@@ -74,9 +75,12 @@ class AccuracyCallback(L.Callback):
             return
         scored = evaluate(trainer, module, _log_dir(trainer) / "eval_before.jsonl", "Accuracy before training")
         self.accuracy_before = scored.accuracy
-        self.before_rows = [{"correct": bool(r["correct"]), "extracted": r["extracted"]} for r in scored.rows]
-        curve = scored.first(fit_eval_size(trainer)).accuracy
-        log_to_loggers(trainer, {"eval/accuracy_before": self.accuracy_before, "val/accuracy": curve}, scored.step)
+        self.before_rows = [{"correct": r["correct"], "extracted": r["extracted"]} for r in scored.rows]
+        curve = scored.first(fit_eval_size(trainer))
+        k = module.evaluation.num_samples
+        metrics = {"eval/accuracy_before": self.accuracy_before, "val/accuracy": curve.accuracy,
+                   **sampled_metrics(scored.rows, k, "eval/", "_before"), **sampled_metrics(curve.rows, k, "val/")}
+        log_to_loggers(trainer, metrics, scored.step)
         rank_zero_info(f"Accuracy on the evaluation set before training: {self.accuracy_before:.2%}")
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
@@ -91,9 +95,11 @@ class AccuracyCallback(L.Callback):
         else:
             scored = evaluate(trainer, module, path, "Accuracy after training")
         self.accuracy_after = scored.accuracy
-        metrics = {"eval/accuracy_after": self.accuracy_after}
+        k = module.evaluation.num_samples
+        metrics = {"eval/accuracy_after": self.accuracy_after, **sampled_metrics(scored.rows, k, "eval/", "_after")}
         if last is None or last.step != scored.step:  # else that point is on the curve already
-            metrics["val/accuracy"] = scored.first(fit_eval_size(trainer)).accuracy
+            curve = scored.first(fit_eval_size(trainer))
+            metrics.update({"val/accuracy": curve.accuracy, **sampled_metrics(curve.rows, k, "val/")})
         message = f"Accuracy on the evaluation set after training: {self.accuracy_after:.2%}"
         if self.accuracy_before is not None:
             metrics["eval/improvement"] = self.accuracy_after - self.accuracy_before

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,35 @@ class Scored:
 
 
 def accuracy_of(rows: list[dict]) -> float:
-    """The fraction of rows whose answer is correct; NaN for no rows."""
-    return sum(bool(r["correct"]) for r in rows) / len(rows) if rows else math.nan
+    """The mean of the rows' ``correct`` (a bool, or a sampled row's fraction of right samples); NaN for no rows."""
+    return sum(float(r["correct"]) for r in rows) / len(rows) if rows else math.nan
+
+
+def sampled_rows(prompts: list[str], expected: list[str], completions: list[str], k: int) -> list[dict]:
+    """One row per problem from its k samples (adjacent in ``completions``): ``correct`` is the fraction of right
+    samples, ``pass_at_k`` whether any is right, ``majority`` the most frequent extracted answer (the first
+    seen among equals) and ``majority_correct`` whether a sample giving it is right."""
+    rows = []
+    for i, (prompt, answer) in enumerate(zip(prompts, expected)):
+        samples = completions[i * k:(i + 1) * k]
+        extracted = [extract_model_answer(c) for c in samples]
+        right = [is_correct(c, answer) for c in samples]
+        majority = Counter(extracted).most_common(1)[0][0]
+        rows.append({
+            "prompt": prompt, "expected": answer, "extracted": extracted, "completions": samples,
+            "correct": sum(right) / k, "pass_at_k": any(right), "majority": majority,
+            "majority_correct": right[extracted.index(majority)],
+        })
+    return rows
+
+
+def sampled_metrics(rows: list[dict], k: int, prefix: str, suffix: str = "") -> dict[str, float]:
+    """pass@k and maj@k of sampled rows as ``{prefix}pass@k{suffix}`` and ``{prefix}maj@k{suffix}``; nothing
+    for greedy rows."""
+    if not rows or "pass_at_k" not in rows[0]:
+        return {}
+    return {f"{prefix}pass@{k}{suffix}": sum(r["pass_at_k"] for r in rows) / len(rows),
+            f"{prefix}maj@{k}{suffix}": sum(r["majority_correct"] for r in rows) / len(rows)}
 
 
 def evaluate(trainer: Any, module: Any, path: Path, description: str) -> Scored:
@@ -103,13 +131,17 @@ class EvaluationMixin:
     """
 
     def evaluate_batch(self, batch: dict[str, list[str]]) -> list[dict]:
-        """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match."""
-        e = self.evaluation
+        """Greedy completions of a batch of prompts, their extracted answers and the seed's three-way match;
+        with ``num_samples`` k > 1, k sampled completions of each (:func:`sampled_rows`)."""
+        e, k = self.evaluation, self.evaluation.num_samples
+        decoding = {"do_sample": False} if k == 1 else {"do_sample": True}
         rollout = self.engine.generate(
-            self.passes, self.tokenizer, batch["prompt"], 1, e.max_new_tokens or self.sampling.max_new_tokens,
-            generation_kwargs={"do_sample": False, **(e.generation_kwargs or {})},
+            self.passes, self.tokenizer, batch["prompt"], k, e.max_new_tokens or self.sampling.max_new_tokens,
+            temperature=e.temperature, generation_kwargs={**decoding, **(e.generation_kwargs or {})},
             use_model_generation_config=self.sampling.use_model_generation_config, fast=self.fast,
         )
+        if k > 1:
+            return sampled_rows(batch["prompt"], batch["expected"], rollout.completions, k)
         return [
             {"prompt": p, "expected": e, "extracted": extract_model_answer(c), "completion": c, "correct": is_correct(c, e)}
             for p, e, c in zip(batch["prompt"], batch["expected"], rollout.completions)
@@ -132,7 +164,8 @@ class EvaluationMixin:
         scored = self.val_evaluation.finish(trainer.strategy, trainer.global_step)
         # the same value on every process (the rows are everyone's): the mean over processes is that value
         self.log("val/accuracy", torch.tensor(scored.accuracy), prog_bar=True, logger=False, sync_dist=True)
-        log_to_loggers(trainer, {"val/accuracy": scored.accuracy}, scored.step)
+        extra = sampled_metrics(scored.rows, self.evaluation.num_samples, "val/")
+        log_to_loggers(trainer, {"val/accuracy": scored.accuracy, **extra}, scored.step)
         self.last_evaluation = scored
         log_dir = trainer.log_dir
         if log_dir is not None and trainer.is_global_zero:

@@ -163,18 +163,28 @@ class Memory:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Greedy evaluation of the policy: the accuracy callback and ``validate`` (``model.evaluation``).
+    """How the policy is evaluated: the accuracy callback, the evaluations during fit, ``validate``
+    (``model.evaluation``). Greedy by default: one completion per problem, ``do_sample: False``.
 
     Args:
         max_new_tokens: Longest completion during evaluation; ``None`` for ``model.sampling.max_new_tokens``.
         generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
+        num_samples: k > 1 samples each problem k times at ``temperature`` instead of once greedily:
+            ``val/accuracy`` is then the mean accuracy of the samples (pass@1 estimated over k), and
+            ``val/pass@k`` (any sample right) and ``val/maj@k`` (the most frequent answer right) are logged beside it.
+        temperature: Sampling temperature of the k samples (``num_samples`` > 1 only).
     """
 
     max_new_tokens: int | None = None
     generation_kwargs: dict[str, Any] | None = None
+    num_samples: int = 1
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _at_least("evaluation", "max_new_tokens", self.max_new_tokens, 1)
+        _at_least("evaluation", "num_samples", self.num_samples, 1)
+        if not self.temperature > 0:
+            raise ValueError(f"model.evaluation.temperature must be positive, got {self.temperature}")
 
 
 GROUPS = {"sampling": Sampling, "loss": Loss, "optimization": Optimization, "memory": Memory, "evaluation": Evaluation}

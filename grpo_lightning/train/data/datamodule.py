@@ -146,4 +146,7 @@ class GSM8KDataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 records, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        return DataLoader(records, batch_size=self.hparams.eval_batch_size, collate_fn=collate, sampler=sampler)
+        # a private generator: creating the loader's iterator would otherwise draw from the global one, so an
+        # evaluation during fit would shift the sampling randomness of every step after it
+        return DataLoader(records, batch_size=self.hparams.eval_batch_size, collate_fn=collate, sampler=sampler,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
