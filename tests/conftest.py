@@ -103,3 +103,14 @@ def cli_arguments_are_only_the_tests():
     sys.argv = given[:1]
     yield
     sys.argv = given
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    """Six held-out problems of the arithmetic task, as chat prompts of the packaged tiny model (the vLLM tests)."""
+    from grpo_lightning.train.data import PromptDataModule
+
+    data = PromptDataModule(source="task:arithmetic", eval_size=6, eval_batch_size=6, seed=0,
+                            tokenizer_name_or_path="builtin:tiny-arithmetic")
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))["prompt"]

@@ -130,7 +130,7 @@ def _jsonl(path: Path) -> list[dict]:
 def test_evaluation_is_sharded_exactly(trained, tmp_path):
     """Each example once; the accuracy equals that of one process evaluating the same model on the same examples."""
     log_dir = trained / "full" / "lightning_logs" / "version_0"
-    assert sorted(p.name for p in log_dir.glob("*.jsonl")) == ["eval_after.jsonl", "eval_before.jsonl"]
+    assert sorted(p.name for p in log_dir.glob("*.jsonl")) == ["eval_after.jsonl", "eval_before.jsonl", "eval_changes.jsonl"]
     after = _jsonl(log_dir / "eval_after.jsonl")
     # one process alone, on the model the two-process run exported
     single = run(["validate", "--config", str(config(trained, "full")), "--trainer.default_root_dir", str(tmp_path),

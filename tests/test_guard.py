@@ -192,3 +192,29 @@ def test_allow_step_judges_the_callers_norm_and_without_one_only_the_loss():
     with pytest.warns(UserWarning, match="gradient norm not checked"):
         assert not guard.allow_step(trainer, torch.tensor(math.nan), None)
     assert guard.state_dict() == {"consecutive": 1, "total": 2}
+
+
+@pytest.mark.slow
+def test_a_skipped_step_leaves_the_reference_refresh_at_its_rollout_step(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
+    """ref_update_every 2, the second rollout step's update NaN (skipped): the refresh still comes at rollout step 2.
+
+    4 rollout steps for max_steps 3 (the skip does not count). Counted as ``global_step // mu`` the steps would read
+    0, 1, 1, 2 and the refresh would come one rollout step late, at the fourth.
+    """
+    import grpo_lightning.train.module as module_file
+
+    calls: list[tuple[int, bool]] = []  # (the step the module passed, whether the reference was refreshed)
+    original = module_file.refresh_reference
+
+    def recording(reference, policy, step, every):
+        calls.append((step, original(reference, policy, step, every)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(module_file, "refresh_reference", recording)
+    config = make_config(tmp_path, tiny_model_dir, gsm8k_dir, "ref", optimization={"mu": 1, "ref_update_every": 2})
+    with pytest.warns(UserWarning, match="optimizer step 1 skipped"):
+        cli = run(["fit", "--config", str(config), "--trainer.max_steps", "3", *QUIET, *breaking(1, "nan", until=2)])
+    assert calls == [(0, False), (1, False), (2, True), (3, False)]
+    assert cli.model.rollout_steps == 4 and cli.trainer.global_step == 3
+    kept = torch.load(tmp_path / "ref" / "ckpt" / "last.ckpt", weights_only=True)
+    assert kept["rollout_steps"] == 4 and kept["global_step"] == 3

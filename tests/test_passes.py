@@ -55,17 +55,17 @@ class RecordReads(L.Callback):
         self.steps = 0
         self.passes = {name: getattr(PolicyPasses, name) for name in PASSES}
 
-        def inside(run: Any) -> Any:
+        def inside(method: Any) -> Any:
             def counted(*args: Any, **kwargs: Any) -> Any:
                 mode.inside += 1
                 try:
-                    return run(*args, **kwargs)
+                    return method(*args, **kwargs)
                 finally:
                     mode.inside -= 1
             return counted
 
-        for name, run in self.passes.items():
-            setattr(PolicyPasses, name, inside(run))
+        for name, method in self.passes.items():
+            setattr(PolicyPasses, name, inside(method))
         step = module.training_step
 
         def watched_step(*args: Any) -> Any:
@@ -92,8 +92,8 @@ class RecordReads(L.Callback):
         return call
 
     def teardown(self, trainer: L.Trainer, module: Any, stage: str) -> None:
-        for name, run in self.passes.items():
-            setattr(PolicyPasses, name, run)
+        for name, method in self.passes.items():
+            setattr(PolicyPasses, name, method)
 
 
 @pytest.mark.parametrize("fused", [True, False])

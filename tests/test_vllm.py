@@ -18,19 +18,11 @@ pytest.importorskip("vllm")
 from grpo_lightning.engines.generate import generate_rollout  # noqa: E402
 from grpo_lightning.engines.vllm import VLLMEngine  # noqa: E402
 from grpo_lightning.hf.passes import sequence_logprobs  # noqa: E402
-from grpo_lightning.train.data import PromptDataModule  # noqa: E402
 from grpo_lightning.train.module import GRPOModule  # noqa: E402
 from grpo_lightning.train.options import Loss, Sampling  # noqa: E402
 
 TINY = "builtin:tiny-arithmetic"
 GREEDY = {"do_sample": False}
-
-
-@pytest.fixture(scope="module")
-def prompts() -> list[str]:
-    data = PromptDataModule(source="task:arithmetic", eval_size=6, eval_batch_size=6, seed=0, tokenizer_name_or_path=TINY)
-    data.setup("validate")
-    return next(iter(data.val_dataloader()))["prompt"]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from grpo_lightning.hf.passes import sequence_logprobs  # noqa: E402
 from grpo_lightning.train.data import PromptDataModule  # noqa: E402
 from grpo_lightning.train.module import GRPOModule  # noqa: E402
 from grpo_lightning.train.options import Sampling  # noqa: E402
-from test_vllm import prompts  # noqa: E402,F401 (the same six held-out problems, module-scoped)
 
 TINY = "builtin:tiny-arithmetic"
 GREEDY = {"do_sample": False}

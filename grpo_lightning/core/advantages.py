@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 ADVANTAGE_EPS = 1e-4  # the seed's: added to the std, so a group of equal rewards gets advantages of 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")

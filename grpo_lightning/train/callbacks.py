@@ -1,5 +1,5 @@
-"""Callbacks: GSM8K accuracy before and after training, export in Hugging Face format, the random states
-in checkpoints, a progress bar."""
+"""Callbacks: export in Hugging Face format, the random states in checkpoints, sample text, a progress bar;
+accuracy before and after training lives in :mod:`grpo_lightning.train.accuracy` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -13,67 +13,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from grpo_lightning.core.random_state import rng_state
 from grpo_lightning.hf.sharding import full_state_dict, is_sharded
 from grpo_lightning.hf.lora import is_lora, save_lora
+from grpo_lightning.train.accuracy import AccuracyCallback
 from grpo_lightning.train.atomic import atomic_dir
+from grpo_lightning.train.checkpoints import read_checkpoint
 from grpo_lightning.train.distributed import gather_objects, restore_rng_states
-from grpo_lightning.train.evaluation import evaluate
+
+__all__ = ["AccuracyCallback", "GRPOProgressBar", "HFExport", "RandomStates", "SampleText"]
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-class AccuracyCallback(L.Callback):
-    """GSM8K accuracy of the policy on the evaluation set before training starts and after it ends.
-
-    Logs ``eval/accuracy_before``, ``eval/accuracy_after`` and ``eval/improvement`` to every logger, prints
-    them, and writes each example (prompt, expected, extracted, completion, correct) to
-    ``eval_before.jsonl`` / ``eval_after.jsonl`` in the run's log directory. A resumed run keeps the
-    accuracy measured before its first start instead of measuring the half-trained model again.
-
-    Args:
-        before: Measure accuracy before training.
-        after: Measure accuracy after training.
-    """
-
-    def __init__(self, before: bool = True, after: bool = True):
-        self.before, self.after = before, after
-        self.accuracy_before: float | None = None
-        self.accuracy_after: float | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"accuracy_before": self.accuracy_before}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.accuracy_before = state_dict.get("accuracy_before")
-
-    def evaluate(self, trainer: L.Trainer, module: Any, stage: str) -> float:
-        # on every process: trainer.log_dir broadcasts
-        path = _log_dir(trainer) / f"eval_{stage}.jsonl"
-        return evaluate(trainer, module, path, f"Accuracy {stage} training")
-
-    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.save()
-
-    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
-        if not self.before or self.accuracy_before is not None:
-            return
-        self.accuracy_before = self.evaluate(trainer, module, "before")
-        self._log(trainer, {"eval/accuracy_before": self.accuracy_before})
-        rank_zero_info(f"Accuracy on the evaluation set before training: {self.accuracy_before:.2%}")
-
-    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
-        if not self.after:
-            return
-        self.accuracy_after = self.evaluate(trainer, module, "after")
-        metrics = {"eval/accuracy_after": self.accuracy_after}
-        message = f"Accuracy on the evaluation set after training: {self.accuracy_after:.2%}"
-        if self.accuracy_before is not None:
-            metrics["eval/improvement"] = self.accuracy_after - self.accuracy_before
-            message += f" (before {self.accuracy_before:.2%}, change {metrics['eval/improvement']:+.2%})"
-        self._log(trainer, metrics)
-        rank_zero_info(message)
 
 
 class HFExport(L.Callback):
@@ -81,19 +30,26 @@ class HFExport(L.Callback):
 
     A LoRA policy is saved merged (weights W + (alpha / r)·B·A, a plain model that ``AutoModelForCausalLM``
     loads), with its adapters alone in ``adapter/`` inside the export directory (``PeftModel.from_pretrained``).
+    Any checkpoint can be exported after the run: ``python -m grpo_lightning.train.export CKPT DIR``.
 
     Args:
         export_dir: Where to save; ``None`` for ``hf_model`` in the run's log directory.
         overwrite: Allow replacing a non-empty ``export_dir``; otherwise fit refuses to start.
+        weights: ``last``: the weights at the end of fit; ``best``: the best checkpoint's (``checkpoint.monitor``,
+            e.g. ``val/accuracy``), loaded into the policy first (the last weights when no best was saved).
     """
 
-    def __init__(self, export_dir: str | None = None, overwrite: bool = False):
-        self.export_dir, self.overwrite = export_dir, overwrite
+    def __init__(self, export_dir: str | None = None, overwrite: bool = False, weights: str = "last"):
+        if weights not in ("last", "best"):
+            raise ValueError(f"export.weights must be 'last' or 'best', got {weights!r}")
+        self.export_dir, self.overwrite, self.weights = export_dir, overwrite, weights
         self.path: Path | None = None
 
     def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        if self.weights == "best" and getattr(trainer.checkpoint_callback, "monitor", None) is None:
+            raise ValueError("export.weights: best needs checkpoint.monitor (val/accuracy, with checkpoint.mode: max)")
         self.path = Path(self.export_dir) if self.export_dir else _log_dir(trainer) / "hf_model"
         self.check(self.path)
 
@@ -108,6 +64,8 @@ class HFExport(L.Callback):
             )
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        if self.weights == "best":
+            load_best(trainer, module)
         # sharded weights are gathered first, on every process (one full copy, on process 0)
         full = full_state_dict(module.policy) if is_sharded(module.passes) else None
         if trainer.is_global_zero:
@@ -126,6 +84,18 @@ class HFExport(L.Callback):
             rank_zero_info(f"Saved the merged model and tokenizer to {self.path}, the LoRA adapters to {self.path / 'adapter'}")
         else:
             rank_zero_info(f"Saved the fine-tuned model and tokenizer to {self.path}")
+
+
+def load_best(trainer: L.Trainer, module: Any) -> None:
+    """Load the best checkpoint's weights into ``module`` (every process); warn and keep the last when there is none."""
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    if not best:
+        rank_zero_warn("export.weights is best, but no best checkpoint was saved (no evaluation ran): exporting the last weights")
+        return
+    if is_sharded(module.passes):
+        raise ValueError(f"export.weights: best cannot load sharded checkpoint {best}; export it after the run instead")
+    module.load_state_dict(read_checkpoint(best)["state_dict"])
+    rank_zero_info(f"Exporting the best checkpoint's weights: {best}")
 
 
 class RandomStates(L.Callback):
@@ -158,7 +128,8 @@ class SampleText(L.Callback):
     """A few completions of the step's first prompt, with their rewards, as text in TensorBoard.
 
     Args:
-        every_n_steps: Log them every N rollout steps; 0 never.
+        every_n_steps: Log them every N rollout steps (training batches: ``GRPOModule.rollout_steps``, which a
+            skipped optimizer step does not shift); 0 never.
     """
 
     def __init__(self, every_n_steps: int = 10):

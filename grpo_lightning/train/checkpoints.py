@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from grpo_lightning.hf.lora import LoRA
@@ -212,3 +213,32 @@ def use_atomic_checkpoints(trainer: Any) -> None:
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+class GRPOCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (the ``checkpoint`` section) whose best checkpoint is judged right after
+    each evaluation, with periodic checkpoints beside it.
+
+    With ``monitor`` (``val/accuracy``, ``mode: max``, ``save_top_k: 1``) the monitored value is fresh only at the
+    end of an evaluation: that is where the top-k are judged, and ``last`` saved (so a resumed run does not
+    evaluate that step again). ``every_n_train_steps`` then writes ``last`` only: Lightning's own would judge the
+    top-k on the previous evaluation's value, skip the evaluation that follows at the same step, and write
+    nothing at all before the first evaluation. Without ``monitor`` it is Lightning's, unchanged.
+    """
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.monitor is None:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self._every_n_train_steps
+        if every < 1 or trainer.global_step % every or self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is None:
+            return super().on_validation_end(trainer, pl_module)
+        if trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)

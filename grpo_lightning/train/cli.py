@@ -25,14 +25,14 @@ import torch
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from grpo_lightning.fast.allocator import check_mmap_threshold, set_mmap_threshold, threshold_restored
 from grpo_lightning.train.callbacks import AccuracyCallback, GRPOProgressBar, HFExport, SampleText
 from grpo_lightning.train.checkpoints import (
-    check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints,
+    GRPOCheckpoint, check_resume_checkpoint, read_checkpoint, use_atomic_checkpoints,
 )
 from grpo_lightning.train.data import PromptDataModule
 from grpo_lightning.train.guard import NonFiniteStepsError
@@ -120,8 +120,10 @@ class GRPOCLI(ThreadsCLI):
         # Always-on callbacks, configured as top-level sections of the YAML.
         parser.add_lightning_class_args(AccuracyCallback, "eval")
         parser.add_lightning_class_args(HFExport, "export")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(GRPOCheckpoint, "checkpoint")
+        # save_on_train_epoch_end false: a monitored checkpoint (val/accuracy) is judged after each evaluation
+        # during fit; Lightning would wait for the end of the one endless epoch when val_check_interval is 1
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.save_on_train_epoch_end": False})
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.link_arguments("model.revision", "data.tokenizer_revision")  # the template of the model's revision
 

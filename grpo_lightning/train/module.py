@@ -120,6 +120,9 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         self.timings: dict[str, float] = {}
         self._grad_norm = torch.zeros(())
         self.guard = SkipGuard(optimization.max_consecutive_skips)
+        # Rollout steps (training batches) finished: what the schedules count. ``global_step`` counts optimizer
+        # steps, μ per rollout step less any the guard skipped, so ``global_step // mu`` would drift.
+        self.rollout_steps = 0
         self.engine = rollout if rollout is not None else GenerateEngine()
 
     def train(self, mode: bool = True) -> GRPOModule:
@@ -175,11 +178,14 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
+        checkpoint["rollout_steps"] = self.rollout_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
         if "skip_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["skip_guard"])
+        if "rollout_steps" in checkpoint:
+            self.rollout_steps = int(checkpoint["rollout_steps"])
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
@@ -212,7 +218,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             self.optimizers().optimizer.state.clear()
 
     def training_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
-        step = self.global_step // self.optimization.mu  # rollout steps completed before this one
+        step = self.rollout_steps  # rollout steps completed before this one (skipped optimizer steps do not shift it)
         self._refresh_reference(step)
         self.timings = {}
         try:
@@ -231,6 +237,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         # for the sample-text callback: the first prompt and its first samples
         G = self.sampling.num_generations
         self.last_samples = (step, self.global_step, batch["prompt"][0], rollout.completions[: min(2, G)], scores.total[: min(2, G)])
+        self.rollout_steps = step + 1
 
     def _timed(self, name: str, stage: Any, *args: Any) -> Any:
         synchronize(self.device)  # a GPU runs behind the host: its work lands in the phase that queued it

@@ -112,7 +112,8 @@ class Optimization:
             0 disables it.
         max_consecutive_skips: An optimizer step whose loss or gradient norm is not finite is skipped (weights,
             optimizer, scheduler and ``global_step`` unchanged); after this many in a row the run stops. 0: never.
-        ref_update_every: Copy the policy into the reference every N steps (the seed's outer iterations); 0 never.
+        ref_update_every: Copy the policy into the reference every N rollout steps (the seed's outer iterations; counted
+            as training batches, so a skipped optimizer step does not shift it); 0 never.
             Refused with LoRA, whose reference is the base model.
         reset_optimizer_on_ref_update: Clear the optimizer state at each reference refresh, as the seed does.
     """
@@ -158,18 +159,28 @@ class Memory:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Greedy evaluation of the policy: the accuracy callback and ``validate`` (``model.evaluation``).
+    """How the policy is evaluated: the accuracy callback, the evaluations during fit, ``validate``
+    (``model.evaluation``). Greedy by default: one completion per problem, ``do_sample: False``.
 
     Args:
         max_new_tokens: Longest completion during evaluation; ``None`` for ``model.sampling.max_new_tokens``.
         generation_kwargs: Extra ``generate`` arguments for evaluation (greedy unless overridden).
+        num_samples: k > 1 samples each problem k times at ``temperature`` instead of once greedily:
+            ``val/accuracy`` is then the mean accuracy of the samples (pass@1 estimated over k), and
+            ``val/pass@k`` (any sample right) and ``val/maj@k`` (the most frequent answer right) are logged beside it.
+        temperature: Sampling temperature of the k samples (``num_samples`` > 1 only).
     """
 
     max_new_tokens: int | None = None
     generation_kwargs: dict[str, Any] | None = None
+    num_samples: int = 1
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _at_least("evaluation", "max_new_tokens", self.max_new_tokens, 1)
+        _at_least("evaluation", "num_samples", self.num_samples, 1)
+        if not self.temperature > 0:
+            raise ValueError(f"model.evaluation.temperature must be positive, got {self.temperature}")
 
 
 GROUPS = {"sampling": Sampling, "loss": Loss, "optimization": Optimization, "memory": Memory, "evaluation": Evaluation}

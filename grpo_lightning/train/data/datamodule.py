@@ -61,6 +61,9 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: Prompts per training step (each is sampled ``num_generations`` times).
         eval_size: Evaluate on the first N problems of the evaluation split; ``None`` for all.
         eval_batch_size: Prompts per generation call during evaluation.
+        fit_eval_size: The evaluations during fit (``trainer.val_check_interval``) score only the first N
+            problems of the evaluation set, the same ones each time, so the points compare; ``None`` for the
+            whole set. Before and after training, and ``validate``, always score the whole set.
         seed: Seeds the order of the training prompts.
         chat_template: Wrap prompts in the tokenizer's chat template instead of the seed's plain text.
         tokenizer_name_or_path: Tokenizer whose chat template is used (linked to the model by the CLI).
@@ -85,6 +88,7 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_size: int | None = None,
         eval_batch_size: int = 16,
+        fit_eval_size: int | None = None,
         seed: int = 42,
         chat_template: bool = False,
         tokenizer_name_or_path: str | None = None,
@@ -101,6 +105,8 @@ class PromptDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
         if eval_size is not None and eval_size < 1:
             raise ValueError(f"data.eval_size must be at least 1 or null (all), got {eval_size}")
+        if fit_eval_size is not None and fit_eval_size < 1:
+            raise ValueError(f"data.fit_eval_size must be at least 1 or null (the whole evaluation set), got {fit_eval_size}")
         if chat_template and not tokenizer_name_or_path:
             raise ValueError("data.chat_template needs data.tokenizer_name_or_path")
         self.save_hyperparameters()
@@ -140,12 +146,21 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
-        sampler = None
+        """Lightning's validation loop: during fit the first ``fit_eval_size`` problems, else the whole set."""
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        return self.eval_dataloader(self.hparams.fit_eval_size if fitting else None)
+
+    def eval_dataloader(self, size: int | None = None) -> DataLoader:
+        """The first ``size`` problems of the evaluation set (``None``: all), this process's share of them."""
+        records, sampler = self.eval_records[:size], None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             # Process r evaluates examples r, r + W, ...: each exactly once. (Lightning's default for evaluation,
             # a DistributedSampler, pads the last round with repeats, which an accuracy would count twice.)
             sampler = UnrepeatedDistributedSampler(
-                self.eval_records, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+                records, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        return DataLoader(self.eval_records, batch_size=self.hparams.eval_batch_size, collate_fn=collate, sampler=sampler)
+        # a private generator: creating the loader's iterator would otherwise draw from the global one, so an
+        # evaluation during fit would shift the sampling randomness of every step after it
+        return DataLoader(records, batch_size=self.hparams.eval_batch_size, collate_fn=collate, sampler=sampler,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
