@@ -123,7 +123,8 @@ OPTION = re.compile(r"`((?:model|data)(?:\.\w+)+)`")  # `model.sampling.num_gene
 
 
 def defined_names(path: Path) -> dict[str, set[str]]:
-    """A module's names: ``""`` → its top-level definitions, each class's name → its methods and attributes."""
+    """A module's names: ``""`` → its top-level definitions, each class's name → its methods and attributes
+    (those of its body and those its methods set on ``self``)."""
     import ast
 
     tree = ast.parse(path.read_text())
@@ -143,6 +144,10 @@ def defined_names(path: Path) -> dict[str, set[str]]:
         if isinstance(node, ast.ClassDef):
             names[node.name] = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
             names[node.name] |= {t for n in node.body if isinstance(n, (ast.Assign, ast.AnnAssign)) for t in assigned(n)}
+            names[node.name] |= {  # and the attributes its methods set: self.NAME = ...
+                n.attr for n in ast.walk(node)
+                if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and isinstance(n.value, ast.Name) and n.value.id == "self"
+            }
     return names
 
 
