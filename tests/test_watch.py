@@ -123,6 +123,8 @@ def test_early_stopping_on_val_accuracy_stops(tmp_path):
     assert [s for s, _ in curve(Path(cli.trainer.log_dir))] == [0, 2, 4]
 
 
+# the resumed run writes into the stopped run's checkpoint directory, as a resumed run should
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_resume_gives_the_same_series_and_keeps_the_best(tmp_path):
     full = run(["fit", "--config", str(watch_config(tmp_path, "full")), "--trainer.max_steps", "6"])
     config = str(watch_config(tmp_path, "part"))
