@@ -38,6 +38,7 @@ def inputs(tmp: Path, real_ckpt: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "in" / "empty.jsonl").write_text("")
     return {
         "missing model": (["--model.model_name_or_path", "./no/such/model"], "model path ./no/such/model does not exist"),
+        "missing data": (["--data.source", "./missing.jsonl"], "data source ./missing.jsonl does not exist"),
         "empty data": (["--data.source", str(tmp / "in" / "empty.jsonl")], "empty.jsonl (train) holds no records"),
         "malformed data": (["--data.source", jsonl(tmp / "in" / "bad.jsonl", ["{oops"])], "bad.jsonl:1: not a JSON object"),
         "no ####": (["--data.source", jsonl(tmp / "in" / "plain.jsonl", [{"question": "q", "answer": "4"}])],

@@ -107,18 +107,6 @@ def test_new_run_refuses_existing_checkpoints(tmp_path, tiny_model_dir, gsm8k_di
         run(["fit", "--config", config, "--trainer.max_steps", "2"])
 
 
-def test_clear_errors(tmp_path, tiny_model_dir, gsm8k_dir):
-    config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "errors"))
-    with pytest.raises(FileNotFoundError, match="model path ./no/such/model does not exist"):
-        run(["fit", "--config", config, "--model.model_name_or_path", "./no/such/model"])
-    with pytest.raises(ValueError, match=r"model.sampling.rows_per_generate \(6\) must be a positive multiple of model.sampling.num_generations \(4\)"):
-        run(["fit", "--config", config, "--model.sampling.rows_per_generate", "6"])
-    with pytest.raises(ValueError, match="must be a multiple of model.optimization.mu"):
-        run(["fit", "--config", config, "--trainer.max_steps", "5"])
-    with pytest.raises(FileNotFoundError, match="data source ./missing.jsonl does not exist"):
-        run(["fit", "--config", config, "--data.source", "./missing.jsonl"])
-
-
 def test_validate_measures_accuracy_of_an_exported_model(tmp_path, tiny_model_dir, gsm8k_dir):
     config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "validate"))
     cli = run(["validate", "--config", config, "--model.model_name_or_path", str(tiny_model_dir)])
