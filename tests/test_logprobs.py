@@ -24,21 +24,6 @@ def test_entropy_hand_worked():
     assert logp.tolist()[0] == pytest.approx([math.log(0.5), math.log(1 / 3)])
 
 
-def test_entropy_matches_plain_formula_with_gradients_untouched():
-    torch.manual_seed(0)
-    hidden = torch.randn(5, 7, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    targets = torch.randint(0, 50, (5, 7))
-    log_probs = torch.log_softmax(hidden @ weight.T, dim=-1)
-    plain = -(log_probs.exp() * log_probs).sum(-1)
-    g_plain = torch.autograd.grad(log_probs.gather(-1, targets.unsqueeze(-1)).sum(), (hidden, weight))
-    for recompute in (True, False):
-        logp, entropy = LOGPROBS[recompute](hidden, weight, targets, chunk_rows=2, with_entropy=True)
-        assert torch.allclose(entropy, plain, atol=1e-5) and not entropy.requires_grad
-        g = torch.autograd.grad(logp.sum(), (hidden, weight))  # the entropy adds nothing to the gradient
-        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g, g_plain))
-
-
 def test_completion_mask_through_first_eos():
     ids = torch.tensor([[5, 0, 7, 0], [5, 6, 7, 8], [1, 5, 2, 0]])
     # EOS ids {0, 2}: row 0 ends at index 1, row 1 has none (all kept), row 2 ends at its first EOS (2 at index 2)
@@ -62,15 +47,20 @@ def test_token_logprobs_divide_logits_by_temperature():
 
 
 def test_token_logprobs_match_plain_formula_and_gradients():
+    """Log-probs, entropies (without a gradient of their own) and the log-probs' gradients of both passes
+    against the textbook formulas on full logits."""
     torch.manual_seed(0)
     hidden = torch.randn(5, 7, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (5, 7))
-    plain = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.log_softmax(hidden @ weight.T, dim=-1)  # [5, 7, 50]
+    plain = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    plain_entropy = -(log_probs.exp() * log_probs).sum(-1)
     g_plain = torch.autograd.grad(plain.sum(), (hidden, weight), retain_graph=True)
     for recompute in (True, False):
-        ours = LOGPROBS[recompute](hidden, weight, targets, chunk_rows=2)  # chunks of 2 + 2 + 1 rows
+        ours, entropy = LOGPROBS[recompute](hidden, weight, targets, chunk_rows=2, with_entropy=True)  # rows 2 + 2 + 1
         assert torch.allclose(ours, plain, atol=1e-5)
+        assert torch.allclose(entropy, plain_entropy, atol=1e-5) and not entropy.requires_grad
         g_ours = torch.autograd.grad(ours.sum(), (hidden, weight))
         for a, b in zip(g_ours, g_plain):
             assert torch.allclose(a, b, atol=1e-5)

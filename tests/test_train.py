@@ -116,11 +116,20 @@ def test_validate_measures_accuracy_of_an_exported_model(tmp_path, tiny_model_di
     assert accuracy == sum(r["correct"] for r in rows) / 4
 
 
+def moved_fraction(policy: torch.nn.Module, model_dir: Path) -> float:
+    """The fraction of the policy's weight tensors that differ from the model directory's; all must be finite."""
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    trained = policy.state_dict()
+    assert all(torch.isfinite(trained[k]).all() for k in initial)
+    return sum(not torch.equal(trained[k], initial[k]) for k in initial) / len(initial)
+
+
 def test_beta_zero_has_no_reference_and_trains(tmp_path, tiny_model_dir, gsm8k_dir):
     config = str(make_config(tmp_path, tiny_model_dir, gsm8k_dir, "beta0", loss={"beta": 0.0}, optimization={"mu": 1}))
     cli = run(["fit", "--config", config, "--trainer.max_steps", "2", "--eval.before", "false", "--eval.after", "false"])
     assert cli.model.reference is None and cli.trainer.global_step == 2
     assert not any(k.startswith("reference.") for k in cli.model.state_dict())
+    assert moved_fraction(cli.model.policy, tiny_model_dir) > 0.95  # measured: every tensor moves
 
 
 def test_reference_refresh_every_n_steps(tiny_model_dir):
@@ -145,3 +154,4 @@ def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir, gsm8k_dir):
 
     assert cli.trainer.global_step == 2
     assert is_checkpointing(cli.model.policy) and cli.model.policy.training  # restored after each sampling
+    assert moved_fraction(cli.model.policy, tiny_model_dir) > 0.95  # measured: every tensor moves
