@@ -138,9 +138,10 @@ def test_rng_state_keeps_only_the_current_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: calls.append(state.tolist()))
     state = distributed.rng_state()
     assert state["cuda"].tolist() == [7]
+    drawn = (random.random(), torch.rand(2).tolist())
     distributed.set_rng_state(state)
     assert calls == [[7]]
-    random.random()  # the Python state was restored too: still usable
+    assert (random.random(), torch.rand(2).tolist()) == drawn  # the CPU's Python and torch states came back too
 
 
 def test_phase_times_wait_for_the_gpu_only_on_a_gpu(monkeypatch):

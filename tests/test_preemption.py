@@ -170,6 +170,8 @@ def test_handlers_leave_slurm_requeue_signal_alone():
         assert signal.getsignal(signal.SIGUSR1) is sentinel
         callback.on_train_end(None, None)
         assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]  # (SIG_IGN where the tests run in a background job)
+        assert signal.getsignal(signal.SIGUSR1) is sentinel
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
