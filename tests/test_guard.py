@@ -15,7 +15,6 @@ from grpo_lightning.core.scoring import RewardFunctionError, check_step_rewards,
 from grpo_lightning.train.cli import run
 from grpo_lightning.train.guard import NonFiniteStepsError, SkipGuard, any_process
 from grpo_lightning.train import update as updates
-from grpo_lightning.train.options import Optimization
 from grpo_lightning.train.update import UpdateResult
 from test_train import make_config, scalars
 
@@ -108,8 +107,6 @@ def test_skip_guard_counts_consecutive_and_total_skips():
     restored = SkipGuard()
     restored.load_state_dict({"consecutive": 1, "total": 5})
     assert (restored.consecutive, restored.total) == (1, 5)
-    with pytest.raises(ValueError, match="model.optimization.max_consecutive_skips must be 0"):
-        Optimization(max_consecutive_skips=-1)
 
 
 class TwoProcesses:
