@@ -128,12 +128,14 @@ def test_the_weights_pushed_to_an_engine_have_lora_merged_under_the_base_names()
     with torch.no_grad():
         layer.lora_B["default"].weight.fill_(0.5)  # B = 0.5 everywhere: the update (alpha/r)·B·A = 2·0.5·A
         expected = layer.base_layer.weight + 2 * 0.5 * layer.lora_A["default"].weight.sum(0, keepdim=True)
+    base = layer.base_layer.weight.detach().clone()
     pushed = dict(policy_weights(lora.policy))
     assert pushed.keys() == dict(policy_weights(plain.policy)).keys()  # the names vLLM loads, no adapter names
     assert torch.allclose(pushed["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
     untouched = "model.layers.0.self_attn.k_proj.weight"  # no adapter: the base weight as it is
     assert torch.equal(pushed[untouched], plain.policy.state_dict()[untouched])
-    assert len(layer.lora_A)  # the policy keeps its adapters: the merge was on a copy
+    # the merge was on a copy: the policy's layer is unmerged, its base weight as before, its adapters kept
+    assert not layer.merged and torch.equal(layer.base_layer.weight, base) and "default" in layer.lora_A
 
 
 def test_choosing_the_vllm_engine_does_not_import_vllm():
