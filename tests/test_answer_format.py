@@ -12,8 +12,11 @@ from grpo_lightning.builtin.arithmetic import completion_text
 
 def test_system_prompt_is_the_seeds_byte_for_byte():
     assert SYSTEM_PROMPT == "\nRespond in the following format:\n\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
-    # prompt = stripped system prompt + "\n" + stripped question
-    assert build_prompt(" 2 + 2? ") == SYSTEM_PROMPT.strip() + "\n2 + 2?"
+    # prompt = stripped system prompt + "\n" + stripped question, written out
+    assert build_prompt("  How many legs do 2 cats have? \n") == (
+        "Respond in the following format:\n\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+        "How many legs do 2 cats have?"
+    )
 
 
 def test_written_completion_reads_back():

@@ -1,18 +1,8 @@
-"""The data module: prompts, the order of training prompts (epochs, resume, shards), sizes and the eval subset."""
+"""The data module: the order of training prompts (epochs, resume, shards), sizes and the eval subset."""
 
 import pytest
 
-from grpo_lightning.builtin.answer_format import SYSTEM_PROMPT, build_prompt
 from grpo_lightning.train.data import PromptDataModule, PromptStream, collate
-
-
-def test_prompt_is_the_seeds():
-    expected = (
-        "Respond in the following format:\n\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
-        "How many legs do 2 cats have?"
-    )
-    assert build_prompt("  How many legs do 2 cats have? \n") == expected
-    assert SYSTEM_PROMPT.startswith("\nRespond") and SYSTEM_PROMPT.endswith("</answer>\n")
 
 
 def _ids(batch):
