@@ -24,9 +24,11 @@ def test_project_logprobs_match_the_full_log_softmax():
 
 def test_trl_optimizer_steps_are_summed_per_grpo_step():
     trl_side = pytest.importorskip("bench.trl_side")
-    one = {k: 1.0 for k in ("wall",) + timing.PHASES}
-    grouped = trl_side.group_by_mu([one] * 7, mu=3)  # a trailing partial group is dropped
-    assert len(grouped) == 2 and grouped[0]["wall"] == 3.0
+    # optimizer steps 1..7, each field a multiple of the step's number: groups {1, 2, 3} and {4, 5, 6}, 7 dropped
+    steps = [{"wall": i, "cpu": 10 * i, **{phase: 100 * i for phase in timing.PHASES}} for i in range(1, 8)]
+    grouped = trl_side.group_by_mu(steps, mu=3)
+    assert grouped == [{"wall": 6, "cpu": 60, **{phase: 600 for phase in timing.PHASES}},
+                       {"wall": 15, "cpu": 150, **{phase: 1500 for phase in timing.PHASES}}]
 
 
 def test_summary_skips_the_warmup_step():
