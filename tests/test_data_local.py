@@ -4,14 +4,8 @@ import json
 
 import pytest
 
-from grpo_lightning.train.data import kind_of, load_records
-
-GOOD = json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"})
-
-
-def _write(path, lines):
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from grpo_lightning.train.data import load_records
+from test_data_records import GOOD, write_lines
 
 
 def test_errors_name_file_and_line(tmp_path):
@@ -19,17 +13,16 @@ def test_errors_name_file_and_line(tmp_path):
         load_records(str(tmp_path / "missing.jsonl"), "train")
     with pytest.raises(FileNotFoundError, match="no 'train' file"):
         load_records(str(tmp_path), "train")
-    bad_json = _write(tmp_path / "a.jsonl", [GOOD, "{not json"])
+    bad_json = write_lines(tmp_path / "a.jsonl", [GOOD, "{not json"])
     with pytest.raises(ValueError, match=r"a\.jsonl:2: not a JSON object"):
         load_records(str(bad_json), "train")
 
 
 def test_a_directory_serves_each_split_from_its_file(tmp_path):
-    _write(tmp_path / "train.jsonl", [GOOD, "", GOOD])  # a blank line is no row
-    _write(tmp_path / "test.jsonl", [json.dumps({"question": "q", "answer": "#### 5"})])
+    write_lines(tmp_path / "train.jsonl", [GOOD, "", GOOD])  # a blank line is no row
+    write_lines(tmp_path / "test.jsonl", [json.dumps({"question": "q", "answer": "#### 5"})])
     assert [r["expected"] for r in load_records(str(tmp_path), "train")] == ["2", "2"]
     assert [r["expected"] for r in load_records(str(tmp_path), "test")] == ["5"]
-    assert kind_of(str(tmp_path)) == "local" and kind_of("relative/name.jsonl") == "local"
 
 
 def test_parquet_directory(tmp_path):

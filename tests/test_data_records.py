@@ -9,7 +9,8 @@ from grpo_lightning.train.data import PromptDataModule, kind_of, load_records, r
 GOOD = json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"})
 
 
-def _write(path, lines):
+def write_lines(path, lines):
+    """``lines`` as a text file, one per line; the path."""
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -21,27 +22,27 @@ def test_each_source_string_goes_to_its_kind(tmp_path):
 
 
 def test_errors_name_the_row_and_the_field(tmp_path):
-    no_field = _write(tmp_path / "b.jsonl", [GOOD, GOOD, json.dumps({"question": "q"})])
+    no_field = write_lines(tmp_path / "b.jsonl", [GOOD, GOOD, json.dumps({"question": "q"})])
     with pytest.raises(ValueError, match=r"b\.jsonl:3: missing text field 'answer'"):
         load_records(str(no_field), "train")
-    no_hashes = _write(tmp_path / "c.jsonl", [json.dumps({"question": "q", "answer": "just 4"})])
+    no_hashes = write_lines(tmp_path / "c.jsonl", [json.dumps({"question": "q", "answer": "just 4"})])
     with pytest.raises(ValueError, match=r"c\.jsonl:1: 'answer' has no final answer \(extract_dataset_answer found none\)"):
         load_records(str(no_hashes), "train")
-    not_object = _write(tmp_path / "e.jsonl", ["[1, 2]"])
+    not_object = write_lines(tmp_path / "e.jsonl", ["[1, 2]"])
     with pytest.raises(ValueError, match=r"e\.jsonl:1: expected a JSON object with 'question' and 'answer'"):
         load_records(str(not_object), "train")
 
 
 def test_skip_invalid_counts(tmp_path):
-    path = _write(tmp_path / "d.jsonl", [GOOD, json.dumps({"question": "q", "answer": "4"}), GOOD])
+    path = write_lines(tmp_path / "d.jsonl", [GOOD, json.dumps({"question": "q", "answer": "4"}), GOOD])
     with pytest.warns(UserWarning, match="skipped 1 invalid rows"):
         assert len(load_records(str(path), "train", skip_invalid=True)) == 2
     with pytest.raises(ValueError, match="holds no records"):
-        load_records(str(_write(tmp_path / "empty.jsonl", [""])), "train")
+        load_records(str(write_lines(tmp_path / "empty.jsonl", [""])), "train")
 
 
 def test_read_split_takes_a_modules_options(tmp_path):
-    path = _write(tmp_path / "math.jsonl", [json.dumps({"problem": "2 + 2?", "solution": "#### 4"})])
+    path = write_lines(tmp_path / "math.jsonl", [json.dumps({"problem": "2 + 2?", "solution": "#### 4"})])
     options = {"source": "unused", "question_field": "problem", "answer_field": "solution", "batch_size": 3}
     assert read_split(options, "train", str(path))[0]["question"] == "2 + 2?"  # source given: options' ignored
     with pytest.raises(ValueError, match="missing text field 'question'"):
@@ -59,7 +60,7 @@ def test_other_field_names_and_answer_extractor(tmp_path):
         {"problem": "What is 3 + 4?", "solution": "3 + 4 = \\boxed{7}", "level": "1"},
         {"problem": "What is 2 * 5?", "solution": "2 * 5 = \\boxed{10}", "level": "2"},
     ]
-    path = _write(tmp_path / "math.jsonl", [json.dumps(r) for r in rows])
+    path = write_lines(tmp_path / "math.jsonl", [json.dumps(r) for r in rows])
     fields = {"question_field": "problem", "answer_field": "solution", "answer_extractor": "test_data_records.boxed"}
     records = load_records(str(path), "train", **fields)
     assert [r["expected"] for r in records] == ["7", "10"]
@@ -71,6 +72,6 @@ def test_other_field_names_and_answer_extractor(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert sorted(batch["expected"]) == ["10", "7"] and sorted(batch["level"]) == ["1", "2"]
     assert all(p.startswith("Respond in the following format") and p.endswith("?") for p in batch["prompt"])
-    bad = _write(tmp_path / "bad.jsonl", [json.dumps({"problem": "q", "solution": "no box"})])
+    bad = write_lines(tmp_path / "bad.jsonl", [json.dumps({"problem": "q", "solution": "no box"})])
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'solution' has no final answer \(boxed found none\)"):
         load_records(str(bad), "train", **fields)
