@@ -257,18 +257,3 @@ def test_prepare_batch_counts_and_scales_over_the_gathered_step():
     # the batch scale: one std over all four rewards, not each process's two
     assert torch.equal(torch.cat([d.advantages for d in split]), whole.advantages)
     assert not torch.equal(torch.cat([a.advantages for a in alone]), whole.advantages)
-
-
-def test_random_states_load_from_a_one_process_checkpoint():
-    import random
-    from types import SimpleNamespace
-
-    from grpo_lightning.train.callbacks import RandomStates
-
-    trainer = SimpleNamespace(global_rank=0, world_size=1)
-    torch.manual_seed(3)
-    state = {"torch": torch.get_rng_state(), "cuda": [], "python": random.getstate()}
-    expected = torch.rand(3)
-    torch.manual_seed(4)
-    RandomStates().on_load_checkpoint(trainer, None, {"rng_states": [state]})  # one state per process
-    assert torch.equal(torch.rand(3), expected)
