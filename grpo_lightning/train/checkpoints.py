@@ -223,8 +223,16 @@ class GRPOCheckpoint(ModelCheckpoint):
     end of an evaluation: that is where the top-k are judged, and ``last`` saved (so a resumed run does not
     evaluate that step again). ``every_n_train_steps`` then writes ``last`` only: Lightning's own would judge the
     top-k on the previous evaluation's value, skip the evaluation that follows at the same step, and write
-    nothing at all before the first evaluation. Without ``monitor`` it is Lightning's, unchanged.
+    nothing at all before the first evaluation. Without ``monitor`` it is Lightning's, except at the end:
+    a fit that ends normally always leaves ``last`` at its final step (:meth:`on_train_end`).
     """
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # Lightning 2.5+ writes ``last`` here only when nothing wrote it during the run, and 2.4 not at all (it
+        # wrote it at the epoch's end, which the command line's ``save_on_train_epoch_end: false`` turns off):
+        # on every version, ``last`` is the final step's, to resume from. (A stopped run raises: no save here.)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is None:

@@ -151,7 +151,24 @@ class EvaluationMixin:
             for p, e, c in zip(batch["prompt"], batch["expected"], rollout.completions)
         ]
 
+    def evaluation_state(self) -> dict[str, float] | None:
+        """The last evaluation during fit, for the checkpoint: its step and accuracy (``None`` before any)."""
+        last = getattr(self, "last_evaluation", None)
+        return None if last is None else {"step": last.step, "accuracy": last.accuracy}
+
+    def load_evaluation_state(self, state: dict[str, float] | None) -> None:
+        # Lightning 2.4 evaluates again when it resumes from a checkpoint written at the end of an evaluation
+        # (2.5 and later do not): that repeat scores the same weights, so it is skipped and the saved value stands
+        self.resumed_evaluation = state
+
+    def _repeated_accuracy(self) -> float | None:
+        """The saved accuracy when this evaluation repeats the one the run resumed after; else ``None``."""
+        state, self.resumed_evaluation = getattr(self, "resumed_evaluation", None), None  # the first one only
+        repeats = state is not None and self.trainer.state.fn == "fit" and state["step"] == self.trainer.global_step
+        return state["accuracy"] if repeats else None
+
     def on_validation_epoch_start(self) -> None:
+        self.val_repeat = self._repeated_accuracy()
         self.val_evaluation = EvaluationRun(self.device)
         self.val_missing = 0  # batches still to run so that this process runs as many as any (sharded only)
         if is_sharded(getattr(self, "passes", None)):
@@ -159,12 +176,17 @@ class EvaluationMixin:
             self.val_missing = most_batches(self, len(loaders[0] if isinstance(loaders, list) else loaders))
 
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        if self.val_repeat is not None:
+            return
         self.val_evaluation.step(self, batch)
         self.val_missing, self.val_last = self.val_missing - 1, batch
 
     def on_validation_epoch_end(self) -> None:
-        run_missing_batches(self, self.val_missing, getattr(self, "val_last", None))
         trainer = self.trainer
+        if self.val_repeat is not None:  # (load_evaluation_state) the checkpoint and early stopping get the saved value
+            self.log("val/accuracy", torch.tensor(self.val_repeat), prog_bar=True, logger=False, sync_dist=True)
+            return
+        run_missing_batches(self, self.val_missing, getattr(self, "val_last", None))
         scored = self.val_evaluation.finish(trainer.strategy, trainer.global_step)
         # the same value on every process (the rows are everyone's): the mean over processes is that value
         self.log("val/accuracy", torch.tensor(scored.accuracy), prog_bar=True, logger=False, sync_dist=True)

@@ -179,6 +179,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
         checkpoint["rollout_steps"] = self.rollout_steps
+        checkpoint["last_evaluation"] = self.evaluation_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
@@ -186,6 +187,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             self.guard.load_state_dict(checkpoint["skip_guard"])
         if "rollout_steps" in checkpoint:
             self.rollout_steps = int(checkpoint["rollout_steps"])
+        self.load_evaluation_state(checkpoint.get("last_evaluation"))
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
