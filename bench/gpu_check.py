@@ -4,6 +4,7 @@ Prepared, not yet run on a GPU: the figures it prints have not been measured on 
 
     python -m bench.gpu_check                           # Qwen2.5-0.5B geometry, 24 layers, 3 steps, TRL beside it
     python -m bench.gpu_check --tiny --device cpu --steps 2 --no-trl   # the CPU run its test makes
+    python -m bench.gpu_check --tiny --device cpu --steps 1 --no-trl --count-launches  # kernel launches per phase
 
 The model is the Qwen2.5-0.5B-Instruct geometry with seeded random weights and the real Qwen2 tokenizer,
 built offline (:mod:`bench.workload`); the prompts are the packaged GSM8K sample. Everything else is read
@@ -11,6 +12,8 @@ from ``configs/qwen2.5-0.5b-gsm8k.yaml`` itself (precision, the model section, t
 runs what the config says; only the sizes (``--prompts``, ``--generations``, ``--max-new-tokens``) and the
 device come from the command line. Sampling is forced to full length (``min_new_tokens``): random weights
 rarely emit EOS anyway, and the work per step is then the 4 × 16 × 500 the memory estimate assumes.
+``--count-launches`` counts the operators that run a kernel in each phase of the last step, with ``torch.profiler``:
+on the CPU under ``bf16-mixed`` the CPU-only kernels step aside, so each is a kernel launch on a GPU.
 
 Phase seconds are the module's own ``timings`` (logged as ``time/*``), with the GPU synchronised around each
 phase so queued kernels are charged to the phase that queued them; the peak memory of each phase is taken
@@ -123,8 +126,10 @@ def tokens_per_second(steps: list[dict], tokens: list[float]) -> float:
 def run_ours(args, settings: dict, model_dir: Path) -> dict:
     import lightning as L
     import torch
+    from torch.profiler import ProfilerActivity, profile
     from torch.utils.data import DataLoader
 
+    from bench.profile_phases import leaf_events
     from grpo_lightning.train.module import GRPOModule
     from grpo_lightning.train.options import GROUPS
 
@@ -144,9 +149,16 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
 
     prompt_lengths = []
 
+    launches: dict[str, int] = {}
+
     def timed_and_measured(name, stage, *stage_args):  # the module's own clock, with the GPU synchronised
         memory.start_phase()
-        out = timed(name, stage, *stage_args)
+        if args.count_launches and module.rollout_steps == args.steps - 1:  # the last step, under the profiler
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = timed(name, stage, *stage_args)
+            launches[name] = len(leaf_events(prof))
+        else:
+            out = timed(name, stage, *stage_args)
         memory.end_phase(name)
         if name == "sampling":
             prompt_lengths.append(out.prompt_length)  # P of this step's left-padded prompts
@@ -170,7 +182,7 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
               **memory.record(), **weights_after(before, module.policy),
               # 1.0: every group's rewards were equal (random weights score 0): the gradient was the KL term's alone
               "frac_reward_zero_std": float(trainer.callback_metrics["frac_reward_zero_std"]),
-              "computed": computed_peaks(model_dir, args, settings, max(prompt_lengths))}
+              "computed": computed_peaks(model_dir, args, settings, max(prompt_lengths)), "launches": launches}
     del module, trainer
     return record
 
@@ -250,6 +262,10 @@ def format_report(records: list[dict], header: str) -> str:
     lines.append("per sampling second; alloc / reserved: torch.cuda.max_memory_allocated / max_memory_reserved")
     lines.append("(n/a off CUDA); moved: share of the policy's weights that changed; finite: all of them finite.")
     for r in records:
+        if r.get("launches"):
+            counts = ", ".join(f"{phase} {n:,}" for phase, n in r["launches"].items())
+            lines.append(f"{r['framework']}: operators that run a kernel in the last step (a launch each on a GPU): {counts}")
+    for r in records:
         if "frac_reward_zero_std" in r:
             lines.append(f"{r['framework']}: groups whose rewards were all equal in the last step: {r['frac_reward_zero_std']:.2f}")
     return "\n".join(lines)
@@ -268,6 +284,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--precision", default=None, help="default the config's (bf16-mixed)")
     parser.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override an optimizer init argument, e.g. fused=false")
+    parser.add_argument("--count-launches", action="store_true",
+                        help="count the operators that run a kernel in each phase of the last step (torch.profiler)")
     parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
     args = parser.parse_args(argv)
     args.optimizer_overrides = {k: json.loads(v) for k, _, v in (a.partition("=") for a in args.optimizer_arg)}

@@ -21,6 +21,7 @@ from grpo_lightning.engines.generate import GenerateEngine, generate_rollout
 from grpo_lightning.engines.replay import RecordingEngine, ReplayEngine
 from grpo_lightning.fast import gated_mlp, head_loss, kernels, sampler
 from grpo_lightning.hf.passes import PlainHead
+from grpo_lightning.train import reference
 from grpo_lightning.train.data import PromptDataModule
 from grpo_lightning.train.module import GRPOModule
 from grpo_lightning.train.options import Loss, Optimization, Sampling
@@ -31,7 +32,7 @@ TINY = "builtin:tiny-arithmetic"
 @pytest.fixture
 def pieces_run(monkeypatch) -> dict[str, int]:
     """How often each speed piece ran (the gated MLP's autograd Function, the oneDNN layer, the sampler, the
-    decoding buffers kept in the heap), and the memory-safe head's Functions (keys starting with ``Head``)."""
+    decoding and reference passes' buffers kept in the heap), and the memory-safe head's Functions (keys starting with ``Head``)."""
     counts = {"HeadLoss": 0, "HeadLogProb": 0, "GatedMLP": 0, "OneDNNLinear": 0, "InverseCDFSampler": 0, "heap_kept": 0}
 
     def counting(name, run, static):
@@ -46,6 +47,7 @@ def pieces_run(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(sampler.InverseCDFSampler, "__call__",
                         counting("InverseCDFSampler", sampler.InverseCDFSampler.__call__, False))
     monkeypatch.setattr(generate, "heap_kept", counting("heap_kept", generate.heap_kept, False))
+    monkeypatch.setattr(reference, "heap_kept", counting("heap_kept", reference.heap_kept, False))
     return counts
 
 
