@@ -12,7 +12,7 @@ from ``configs/qwen2.5-0.5b-gsm8k.yaml`` itself (precision, the model section, t
 runs what the config says; only the sizes (``--prompts``, ``--generations``, ``--max-new-tokens``) and the
 device come from the command line. Sampling is forced to full length (``min_new_tokens``): random weights
 rarely emit EOS anyway, and the work per step is then the 4 × 16 × 500 the memory estimate assumes.
-``--count-launches`` counts the operators that run a kernel in each phase of the last step, with ``torch.profiler``:
+``--count-launches`` counts the operators that run a kernel in each phase of the last step (:mod:`bench.launch_count`):
 on the CPU under ``bf16-mixed`` the CPU-only kernels step aside, so each is a kernel launch on a GPU.
 
 Phase seconds are the module's own ``timings`` (logged as ``time/*``), with the GPU synchronised around each
@@ -126,10 +126,9 @@ def tokens_per_second(steps: list[dict], tokens: list[float]) -> float:
 def run_ours(args, settings: dict, model_dir: Path) -> dict:
     import lightning as L
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from torch.utils.data import DataLoader
 
-    from bench.profile_phases import leaf_events
+    from bench.launch_count import LaunchCounter
     from grpo_lightning.train.module import GRPOModule
     from grpo_lightning.train.options import GROUPS
 
@@ -150,13 +149,15 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     prompt_lengths = []
 
     launches: dict[str, int] = {}
+    rollouts = [0]  # steps begun: each begins with its sampling phase
 
     def timed_and_measured(name, stage, *stage_args):  # the module's own clock, with the GPU synchronised
         memory.start_phase()
-        if args.count_launches and module.rollout_steps == args.steps - 1:  # the last step, under the profiler
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rollouts[0] += name == "sampling"
+        if args.count_launches and rollouts[0] == args.steps:  # the last step, counted
+            with LaunchCounter() as counter:
                 out = timed(name, stage, *stage_args)
-            launches[name] = len(leaf_events(prof))
+            launches[name] = counter.total
         else:
             out = timed(name, stage, *stage_args)
         memory.end_phase(name)
@@ -285,7 +286,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override an optimizer init argument, e.g. fused=false")
     parser.add_argument("--count-launches", action="store_true",
-                        help="count the operators that run a kernel in each phase of the last step (torch.profiler)")
+                        help="count the operators that run a kernel in each phase of the last step (bench/launch_count.py)")
     parser.add_argument("--cache-dir", default=str(workload.DEFAULT_CACHE))
     args = parser.parse_args(argv)
     args.optimizer_overrides = {k: json.loads(v) for k, _, v in (a.partition("=") for a in args.optimizer_arg)}

@@ -21,26 +21,18 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import workload
+from bench.launch_count import NO_KERNEL
 from bench.ours_side import build, parse_module_args, prompt_batches
 
 PRODUCTS = ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::linear_backward")
 PHASES = ("sampling", "reference", "update")
 
 
-# Operators that only make a view, read metadata or allocate: no kernel on a GPU.
-NO_KERNEL = {f"aten::{name}" for name in (
-    "view", "_unsafe_view", "_reshape_alias", "reshape", "as_strided", "transpose", "t", "permute", "expand",
-    "expand_as", "slice", "select", "unsqueeze", "squeeze", "detach", "alias", "split", "split_with_sizes", "chunk",
-    "narrow", "unbind", "unflatten", "flatten", "view_as", "numpy_T", "empty", "empty_strided", "empty_like",
-    "resolve_conj", "resolve_neg", "lift_fresh", "to", "result_type", "is_nonzero", "size", "stride", "dim",
-)}
-
-
 def leaf_events(prof):
     """The profile's operators with no operator inside them that run a kernel: a launch each on a GPU."""
     events = [e for e in prof.events() if e.name.startswith(("aten::", "mkldnn::"))]
     parents = {id(e.cpu_parent) for e in events if e.cpu_parent is not None}
-    return [e for e in events if id(e) not in parents and e.name not in NO_KERNEL]
+    return [e for e in events if id(e) not in parents and e.name.replace("::", ".") not in NO_KERNEL]
 
 
 def summarize(name: str, seconds: float, prof, rows: int) -> str:

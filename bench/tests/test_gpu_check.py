@@ -32,7 +32,7 @@ def test_tiny_check_on_the_cpu_reports_every_figure(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # as on CUDA: no CPU-only kernel
     gpu_check.main(["--tiny", "--layers", "2", "--steps", "2", "--device", "cpu", "--no-trl", "--prompts", "2",
                     "--generations", "4", "--max-new-tokens", "8", "--precision", PRECISION,
-                    "--cache-dir", str(tmp_path), *OPTIMIZER_ARGS])
+                    "--cache-dir", str(tmp_path), "--count-launches", *OPTIMIZER_ARGS])
     out = capsys.readouterr().out
     assert "2 prompts x 4 generations x 8 new tokens; " + PRECISION in out
     head = next(line for line in out.splitlines() if line.startswith("framework"))
@@ -50,6 +50,9 @@ def test_tiny_check_on_the_cpu_reports_every_figure(tmp_path, monkeypatch, capsy
     assert record["finite"] and record["moved_fraction"] > 0.5
     assert record["computed"]["update"] > record["computed"]["sampling"] > 0
     assert row[9] == f"{record['moved_fraction']:.2%}"
+    # the last step's kernel launches per phase: the 8 decoding steps alone launch more than the reference pass
+    assert record["launches"]["sampling"] > record["launches"]["reference"] > 0 and record["launches"]["update"] > 0
+    assert "operators that run a kernel in the last step (a launch each on a GPU): sampling " in out
 
 
 def test_phase_timer_synchronises_around_each_phase():
