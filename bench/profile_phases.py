@@ -4,10 +4,10 @@ update of one step of the benchmark workload (after a warm-up step), on our side
     python -m bench.profile_phases --setting a --layers 24           # the real depth
     python -m bench.profile_phases --setting a --layers 24 --rows 25 --module-arg fast=false
 
-For each phase it prints the wall seconds, the operators that run a kernel (each a kernel launch on a GPU), the
-top operators by self CPU time, and the time in the model's products (``addmm``/``mm``/``bmm`` and oneDNN's
-``_linear_pointwise``) against the rest: attention, normalisation, elementwise work, copies and the Python
-between them.
+For each phase it prints the wall seconds, the operator calls (each one a dispatch: on a GPU, a launch or
+more; ``bench.gpu_check --count-launches`` counts those), the top operators by self CPU time, and the time in
+the model's products (``addmm``/``mm``/``bmm`` and oneDNN's ``_linear_pointwise``) against the rest: attention,
+normalisation, elementwise work, copies and the Python between them.
 """
 
 from __future__ import annotations
@@ -21,29 +21,26 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import workload
-from bench.launch_count import NO_KERNEL
 from bench.ours_side import build, parse_module_args, prompt_batches
 
 PRODUCTS = ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::linear_backward")
 PHASES = ("sampling", "reference", "update")
 
 
-def leaf_events(prof):
-    """The profile's operators with no operator inside them that run a kernel: a launch each on a GPU."""
-    events = [e for e in prof.events() if e.name.startswith(("aten::", "mkldnn::"))]
-    parents = {id(e.cpu_parent) for e in events if e.cpu_parent is not None}
-    return [e for e in events if id(e) not in parents and e.name.replace("::", ".") not in NO_KERNEL]
+def operator_calls(prof) -> int:
+    """Operators called from Python or a framework, not from inside another operator: the dispatches a step pays."""
+    return sum(1 for e in prof.events() if e.name.startswith(("aten::", "mkldnn::"))
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith(("aten::", "mkldnn::"))))
 
 
 def summarize(name: str, seconds: float, prof, rows: int) -> str:
-    leaves = leaf_events(prof)
     by_op: dict[str, list[float]] = {}
     for e in prof.events():  # self time excludes the operators inside: the sum counts each second once
         if e.name.startswith(("aten::", "mkldnn::")):
             by_op.setdefault(e.name, []).append(e.self_cpu_time_total / 1e6)
     products = sum(sum(v) for k, v in by_op.items() if k in PRODUCTS)
     ops = sum(sum(v) for v in by_op.values())
-    lines = [f"== {name}: {seconds:.2f} s wall, {len(leaves)} operators run a kernel; products {products:.2f} s, "
+    lines = [f"== {name}: {seconds:.2f} s wall, {operator_calls(prof)} operator calls; products {products:.2f} s, "
              f"other operators {ops - products:.2f} s, outside operators (Python, framework) {seconds - ops:.2f} s"]
     lines.append(f"{'operator':<40}{'calls':>8}{'self s':>9}{'share':>7}")
     for op, times in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))[:rows]:

@@ -26,3 +26,16 @@ def test_a_backward_pass_is_counted_as_the_products_it_runs():
     with LaunchCounter() as counter:
         (x @ w).sum().backward()  # forward: mm, sum; backward: the ones of sum's gradient, expand (a view), mm for dw
     assert counter.by_op["aten.mm"] == 2 and counter.by_op["aten.sum"] == 1 and "aten.expand" not in counter.by_op
+
+
+def test_the_phase_profile_splits_products_from_the_rest():
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.profile_phases import summarize
+
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (a @ a + 1).view(-1)  # three calls: matmul (which runs mm), add, view
+    text = summarize("update", 1.0, prof, rows=5)
+    assert text.startswith("== update: 1.00 s wall, 3 operator calls; products ")
+    assert "aten::mm" in text and "aten::add" in text
