@@ -149,12 +149,13 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
     prompt_lengths = []
 
     launches: dict[str, int] = {}
-    rollouts = [0]  # steps begun: each begins with its sampling phase
+    rollouts = 0  # steps begun: each begins with its sampling phase
 
     def timed_and_measured(name, stage, *stage_args):  # the module's own clock, with the GPU synchronised
+        nonlocal rollouts
         memory.start_phase()
-        rollouts[0] += name == "sampling"
-        if args.count_launches and rollouts[0] == args.steps:  # the last step, counted
+        rollouts += name == "sampling"
+        if args.count_launches and rollouts == args.steps:  # the last step, counted
             with LaunchCounter() as counter:
                 out = timed(name, stage, *stage_args)
             launches[name] = counter.total

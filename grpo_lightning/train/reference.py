@@ -40,12 +40,12 @@ def build_reference(policy: Any, beta: float, lora: Any) -> torch.nn.Module | No
 
 @contextlib.contextmanager
 def _fast_pass(model: Any) -> Iterator[None]:
-    """oneDNN's products, and on the CPU every buffer of the pass below glibc's largest threshold kept in the heap
-    (:func:`~grpo_lightning.fast.allocator.heap_kept`, trimmed after): a pass without a graph holds little at
-    once, and mapping each [T, I] temporary afresh faults its pages in again (a 24-layer log-prob pass of bench
-    setting (a): median 5.68 → 5.28 s over 5 alternations; the peak is the update's, unchanged)."""
-    cpu = next(model.parameters()).device.type == "cpu"
-    with onednn_linears(model), heap_kept(MAX_THRESHOLD) if cpu else contextlib.nullcontext():
+    """oneDNN's products, and every buffer of the pass below glibc's largest threshold kept in the heap
+    (:func:`~grpo_lightning.fast.allocator.heap_kept`, trimmed after; only where a CPU run fixed the threshold):
+    a pass without a graph holds little at once, and mapping each [T, I] temporary afresh faults its pages in
+    again (a 24-layer log-prob pass of bench setting (a): median 5.68 → 5.28 s over 5 alternations; the peak
+    is the update's, unchanged)."""
+    with onednn_linears(model), heap_kept(MAX_THRESHOLD):
         yield
 
 
