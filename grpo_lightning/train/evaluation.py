@@ -170,8 +170,8 @@ class EvaluationMixin:
     def on_validation_epoch_start(self) -> None:
         self.val_repeat = self._repeated_accuracy()
         self.val_evaluation = EvaluationRun(self.device)
-        self.val_missing = 0  # batches still to run so that this process runs as many as any (sharded only)
-        if is_sharded(getattr(self, "passes", None)):
+        self.val_missing = 0  # batches still to run so that this process runs as many as any (in lock-step only)
+        if in_lock_step(self):
             loaders = self.trainer.val_dataloaders
             self.val_missing = most_batches(self, len(loaders[0] if isinstance(loaders, list) else loaders))
 
@@ -206,13 +206,22 @@ def task_match(module: Any) -> Callable[[str, str | None], bool]:
     return getattr(datamodule, "answer_match", is_correct)
 
 
-def most_batches(module: Any, mine: int) -> int:
-    """The most evaluation batches any process has: a collective when the policy is sharded, else ``mine``.
+def in_lock_step(module: Any) -> bool:
+    """Whether every process must run as many evaluation batches: a sharded policy, or a collective engine."""
+    several = torch.distributed.is_available() and torch.distributed.is_initialized()
+    collective = several and getattr(getattr(module, "engine", None), "collective", False)
+    return is_sharded(getattr(module, "passes", None)) or collective
 
-    Under FSDP2 each pass gathers weights from every process, so all must run the same number of passes; the
-    examples split unevenly (no repeats), and a process with fewer batches would leave the others waiting.
+
+def most_batches(module: Any, mine: int) -> int:
+    """The most evaluation batches any process has: a collective when the policy is sharded or the engine's
+    calls are collectives, else ``mine``.
+
+    Under FSDP2 each pass gathers weights from every process, and a server engine's call ends in a collective, so
+    all must run the same number of passes; the examples split unevenly (no repeats), and a process with fewer
+    batches would leave the others waiting.
     """
-    if not is_sharded(getattr(module, "passes", None)):
+    if not in_lock_step(module):
         return mine
     most = torch.tensor(mine, device=module.device)
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)

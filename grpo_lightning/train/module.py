@@ -31,7 +31,7 @@ from grpo_lightning.hf.passes import PolicyPasses, held_root
 from grpo_lightning.hf.sharding import Sharding
 from grpo_lightning.train.callbacks import RandomStates, SampleText
 from grpo_lightning.train.checkpoints import allow_checkpoint_classes
-from grpo_lightning.train.distributed import gather_rows, seed_this_process, synchronize
+from grpo_lightning.train.distributed import gather_objects, gather_rows, seed_this_process, synchronize
 from grpo_lightning.train.evaluation import EvaluationMixin
 from grpo_lightning.train.guard import SkipGuard
 from grpo_lightning.train.options import (
@@ -180,6 +180,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
         checkpoint["rollout_steps"] = self.rollout_steps
         checkpoint["last_evaluation"] = self.evaluation_state()
+        checkpoint["rollout_in_flight"] = gather_objects(self._strategy, self.in_flight_state())  # one-step-off's
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
@@ -188,6 +189,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         if "rollout_steps" in checkpoint:
             self.rollout_steps = int(checkpoint["rollout_steps"])
         self.load_evaluation_state(checkpoint.get("last_evaluation"))
+        self.load_in_flight_state(checkpoint.get("rollout_in_flight"))
 
     # --- one GRPO step -------------------------------------------------------------------------------
 
@@ -224,11 +226,15 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         self._refresh_reference(step)
         self.timings = {}
         try:
-            rollout = self._timed("sampling", self._rollout, batch)
+            taken = self._timed("sampling", self._rollout, batch)
         except ConnectionError as e:  # a rollout server is gone: keep the steps done so far, before any update
+            self.in_flight = None  # (one-step-off: its rollout is lost with the server; the resume samples it again)
             path = checkpoint_path(self.trainer)
             self.trainer.save_checkpoint(path)
             raise type(e)(f"{e}; checkpoint written to {path} (resume with --ckpt_path)") from e
+        if taken is None:  # one-step-off's first step: its rollout is being sampled, nothing to update on yet
+            return
+        batch, rollout = taken  # one-step-off: the previous step's batch and rollout
         # a bad reward function stops the step here, before any update
         scores = score_rollout(self.reward_funcs, batch, rollout, self.sampling.num_generations)
         data = self._advantages(rollout, scores)
@@ -289,4 +295,6 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         lr = torch.tensor(self.optimizers().param_groups[0]["lr"])
         timings = {f"time/{k}": torch.tensor(v) for k, v in self.timings.items()}
         skipped = torch.tensor(float(self.guard.total))  # optimizer steps skipped so far, non-finite
+        if self.engine.max_staleness:  # updates between the weights that sampled the rollout and the policy's
+            metrics["staleness"] = torch.tensor(float(self.staleness))
         self.log_dict({**metrics, "lr": lr, **stats, **timings, "skipped_steps": skipped}, batch_size=N)
