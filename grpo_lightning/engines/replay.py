@@ -18,10 +18,12 @@ class ReplayEngine(RolloutEngine):
     """Serves the given rollouts in order, one per call, each for as many rows as the call asks for.
 
     ``weight_updates`` counts the calls of :meth:`update_weights` (what a pushing engine would have pushed).
+    ``max_staleness`` 1 serves them as a one-step-off engine would (sent a step before they are trained on).
     """
 
-    def __init__(self, rollouts: Sequence[Rollout]):
+    def __init__(self, rollouts: Sequence[Rollout], max_staleness: int = 0):
         self.rollouts, self.served, self.weight_updates = list(rollouts), 0, 0
+        self.max_staleness = max_staleness
 
     def _generate(
         self, policy: Any, tokenizer: Any, prompts: list[str], num_generations: int, max_new_tokens: int, options: SamplingCall
