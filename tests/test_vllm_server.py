@@ -135,3 +135,77 @@ def test_a_server_killed_mid_run_stops_the_fit_with_a_checkpoint(tmp_path):
     finally:
         engine.close()
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 1  # the step done before
+
+
+# --- several training processes, one-step-off -------------------------------------------------------------------
+
+SERVER = {"class_path": "grpo_lightning.engines.vllm_server.VLLMServerEngine", "init_args": {"dtype": "float32"}}
+FSDP = [
+    "--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}', "--trainer.devices", "2",
+    "--model.sharding.reshard_after_forward", "true",
+]
+
+
+def pushes(log: str) -> int:
+    """The weight pushes a server's log shows (its access log: one POST /collective_rpc each)."""
+    with open(log) as f:
+        return sum("POST /collective_rpc" in line for line in f)
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2", "ddp-one-step-off"])
+def test_two_processes_share_one_server_pushing_once_per_step(tmp_path, layout):
+    from test_distributed import DDP, config, launch, probe, ranks
+    from test_vllm import NO_EVAL
+
+    log = str(tmp_path / "server.log")
+    server = {**SERVER, "init_args": {**SERVER["init_args"], "log_path": log, "max_staleness": int(layout.endswith("off"))}}
+    recording = {"class_path": "grpo_lightning.engines.RecordingEngine", "init_args": {"engine": server}}
+    cfg = config(tmp_path, layout, rollout=recording, sampling={"temperature": 1.5})  # 8 optimizer steps, μ 2
+    strategy = FSDP if layout == "fsdp2" else DDP
+    launch(tmp_path, [["fit", "--config", str(cfg), *strategy, *NO_EVAL, *probe(tmp_path / "out")]])
+    zero, one = ranks(tmp_path / "out")
+    assert zero["global_step"] == one["global_step"] == 8
+    assert all(torch.equal(zero["params"][k], one["params"][k]) for k in zero["params"])  # one model
+    assert any(not torch.equal(zero["params"][k], zero["initial"][k]) for k in zero["params"])
+    # 4 rollouts, each process its own prompts (one-step-off: sent by batches 0 to 3, batch 4 sends none)
+    assert len(zero["completions"]) == len(one["completions"]) == 4
+    assert zero["completions"] != one["completions"]
+    assert all("time/weight_sync" in rank["logged"][-1] for rank in (zero, one))
+    # The managed server (process 0's) got one push per update that a later rollout samples from, not one per
+    # process: before rollouts 1, 2 and 3; one-step-off, before rollouts 2 and 3 (rollout 1 is sent before the
+    # first update, and the last update has no rollout after it).
+    assert pushes(log) == (2 if layout.endswith("off") else 3)
+    if layout.endswith("off"):
+        assert [s["staleness"] for s in zero["logged"] if "staleness" in s] == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_one_step_off_with_a_managed_server(tmp_path):
+    """Staleness 1 after the first update, the correction's statistics logged, and one push per step."""
+    import lightning as L
+
+    log = str(tmp_path / "server.log")
+    engine = VLLMServerEngine(dtype="float32", log_path=log, max_staleness=1)
+    module = GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=16), rollout=engine)
+    logged: list[dict[str, float]] = []
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if "staleness" in trainer.callback_metrics and trainer.global_step > len(logged):
+                logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    data = PromptDataModule(source="task:arithmetic", batch_size=2, eval_size=2, eval_batch_size=2, seed=0, tokenizer_name_or_path=TINY)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, limit_val_batches=0, callbacks=[Keep()],
+    )
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        engine.close()
+    assert [s["staleness"] for s in logged] == [0.0, 1.0, 1.0]
+    for step in logged:
+        print({k: round(v, 4) for k, v in step.items() if k.startswith("importance/")})
+        assert 0 < step["importance/ratio_min"] <= step["importance/ratio_mean"] <= step["importance/ratio_max"]
+    assert abs(logged[0]["importance/ratio_mean"] - 1) < 1e-3  # staleness 0: the sampler's weights are the policy's
+    # batch 0 sends from w0, batch 1 too (no update yet), batch 2 from w1 (the one push), batch 3 sends nothing
+    assert pushes(log) == 1

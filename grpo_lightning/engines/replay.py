@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from grpo_lightning.core.types import Rollout
-from grpo_lightning.engines.base import RolloutEngine, SamplingCall
+from grpo_lightning.engines.base import PendingRollout, RolloutEngine, SamplingCall
 
 
 class ReplayEngine(RolloutEngine):
@@ -50,22 +50,36 @@ class ReplayEngine(RolloutEngine):
 
 
 class RecordingEngine(RolloutEngine):
-    """Another engine, with every rollout it returns kept in ``rollouts`` (for a :class:`ReplayEngine`)."""
+    """Another engine, with every rollout it returns kept in ``rollouts`` (for a :class:`ReplayEngine`), in the
+    order they are waited for."""
 
     def __init__(self, engine: RolloutEngine):
         self.engine, self.rollouts = engine, []
 
-    def _generate(self, *args: Any) -> Rollout:
-        rollout = self.engine._generate(*args)
-        self.rollouts.append(rollout)
-        return rollout
+    def _submit(self, *args: Any) -> PendingRollout:
+        pending = self.engine._submit(*args)
 
-    @property
-    def timings(self) -> dict[str, float]:  # type: ignore[override]
-        return self.engine.timings
+        def finish() -> Rollout:
+            rollout = pending.result()
+            self.rollouts.append(rollout)
+            return rollout
+
+        return PendingRollout(finish)
+
+    def _generate(self, *args: Any) -> Rollout:
+        return self._submit(*args).result()
+
+    # the other engine's
+    timings = property(lambda self: self.engine.timings)  # type: ignore[assignment]
+    max_staleness = property(lambda self: self.engine.max_staleness)  # type: ignore[assignment]
+    collective = property(lambda self: self.engine.collective)  # type: ignore[assignment]
+    run_dir = property(lambda self: self.engine.run_dir, lambda self, value: setattr(self.engine, "run_dir", value))  # type: ignore[assignment]
 
     def update_weights(self, policy: Any) -> None:
         self.engine.update_weights(policy)
 
     def free(self) -> None:
         self.engine.free()
+
+    def close(self) -> None:
+        self.engine.close()

@@ -41,6 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from grpo_lightning.core.importance import ImportanceSampling
 from grpo_lightning.core.types import Rollout
@@ -49,7 +50,6 @@ from grpo_lightning.engines.server_connection import ServerConnection, VLLMServe
 from grpo_lightning.engines.vllm import policy_weights, sampling_options
 from grpo_lightning.hf.models import causal_lm, eos_token_ids
 from grpo_lightning.hf.passes import bare_model
-from grpo_lightning.hf.sharding import is_sharded
 
 __all__ = ["VLLMServerEngine", "VLLMServerError", "free_port"]
 
@@ -97,6 +97,8 @@ class VLLMServerEngine(ServerConnection, RolloutEngine):
         importance_sampling: The correction for the gap between the server's log-probs and the trainer's.
         max_staleness: 0 samples each step's rollout from its own weights; 1 samples it during the previous
             step's update, from the weights before that update (one-step-off; docs/vllm.md).
+        weights_dir: Where process 0 writes the weights it pushes: a directory the server can read (on a
+            filesystem both machines share when the server runs on another); ``None`` for a temporary directory.
     """
 
     collective = True  # with several processes each call ends in a collective: all must call it as often
@@ -115,6 +117,7 @@ class VLLMServerEngine(ServerConnection, RolloutEngine):
         retries: int = 2,
         importance_sampling: ImportanceSampling | None = ImportanceSampling(),
         max_staleness: int = 0,
+        weights_dir: str | None = None,
     ):
         if startup_timeout <= 0 or request_timeout <= 0 or retries < 0:
             raise ValueError(f"{OPTION}: the timeouts must be positive and retries at least 0")
@@ -124,7 +127,7 @@ class VLLMServerEngine(ServerConnection, RolloutEngine):
         self.managed = url is None
         self.model_name, self.dtype, self.max_model_len = model_name, dtype, max_model_len
         self.kv_cache_space, self.log_path = kv_cache_space, log_path
-        self.importance_sampling, self.max_staleness = importance_sampling, max_staleness
+        self.importance_sampling, self.max_staleness, self.weights_dir = importance_sampling, max_staleness, weights_dir
         self.started, self.stale = False, False
         self.timings: dict[str, float] = {}
         self._workdir: str | None = None  # made when the server starts (process 0)
@@ -152,7 +155,9 @@ class VLLMServerEngine(ServerConnection, RolloutEngine):
         self.url, self.started = shared[0], True
 
     def _start_here(self, policy: Any, tokenizer: Any, weights: dict[str, torch.Tensor]) -> None:
-        self._workdir = self._workdir or tempfile.mkdtemp(prefix="grpo-vllm-server-")
+        if self.weights_dir:
+            os.makedirs(self.weights_dir, exist_ok=True)
+        self._workdir = self._workdir or tempfile.mkdtemp(prefix="grpo-vllm-server-", dir=self.weights_dir)
         if self.url is None:
             model_dir = self._write_weights(weights, policy, tokenizer)
             port = free_port()
@@ -190,7 +195,7 @@ class VLLMServerEngine(ServerConnection, RolloutEngine):
         """The policy's weights on the CPU on process 0, None elsewhere. Sharded (FSDP2), every process gathers
         each weight in turn (a collective) and process 0 keeps its copy: one full weight at a time on the device."""
         keep = _rank_and_world()[0] == 0
-        if not keep and not is_sharded(policy):
+        if not keep and not any(isinstance(p, DTensor) for p in policy.parameters()):  # (FSDP2 shards the layers)
             return None
         weights = {}
         with torch.no_grad():
