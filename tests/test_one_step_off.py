@@ -74,10 +74,11 @@ def test_each_step_trains_on_the_batch_sent_a_step_before(sampled):
     at_its_step = Logged()
     synchronous = weights(fit(ReplayEngine(sampled[:2]), steps=2, callbacks=[at_its_step]))
     logged = Logged()
-    engine = ReplayEngine(sampled[:2], max_staleness=1)
+    engine = ReplayEngine(sampled, max_staleness=1)
     off = fit(engine, steps=2, callbacks=[logged])
-    # batch 0: sent; batch 1: sent, update on rollout 0 (its batch's answers score it); batch 2: update on rollout 1
-    assert engine.served == 2 and off.rollout_steps == 2 and off.trainer.global_step == 2
+    # batch 0: sent; batch 1: sent, update on rollout 0 (its batch's answers score it); batch 2: sent (for a
+    # later step), update on rollout 1
+    assert engine.served == 3 and off.rollout_steps == 2 and off.trainer.global_step == 2
     assert [s["prompt"] for s in logged.steps] == [s["prompt"] for s in at_its_step.steps]  # batch 0, then batch 1
     assert [s["reward"] for s in logged.steps] == [s["reward"] for s in at_its_step.steps]
     assert same(weights(off), synchronous)  # the same updates on the same rollouts
@@ -99,21 +100,25 @@ def test_with_the_samplers_weights_the_corrected_update_is_the_synchronous_one(s
     synchronous = weights(fit(ReplayEngine(sampled[:1]), steps=1))  # no correction
     start = GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=4, max_new_tokens=16, temperature=2.0))
     rollout = with_sampler_logprobs(start, sampled[0], shift=0.0)
-    corrected = weights(fit(ReplayEngine([rollout], max_staleness=1), steps=1))
+    # (batch 1 sends a second rollout, which no update of a 1-step run uses)
+    corrected = weights(fit(ReplayEngine([rollout, sampled[1]], max_staleness=1), steps=1))
     gap = max((corrected[k] - synchronous[k]).abs().max().item() for k in corrected)
     print(f"largest weight gap, corrected one-step-off against synchronous: {gap:.1e}")
     assert gap < 1e-6
     # a sampler that put more probability on its tokens than the trainer does: ρ < 1 shrinks the update
-    skewed = weights(fit(ReplayEngine([with_sampler_logprobs(start, sampled[0], shift=0.05)], max_staleness=1), steps=1))
+    skewed = weights(fit(ReplayEngine([with_sampler_logprobs(start, sampled[0], shift=0.05), sampled[1]], max_staleness=1), steps=1))
     assert max((skewed[k] - synchronous[k]).abs().max().item() for k in skewed) > 100 * max(gap, 1e-9)
 
 
 def test_a_resume_trains_on_the_rollout_that_was_in_flight(sampled, tmp_path):
-    whole = fit(ReplayEngine(sampled[:2], max_staleness=1), steps=2, tmp_path=tmp_path / "whole")
-    saved = torch.load(tmp_path / "whole" / "step=1.ckpt", weights_only=True)
+    whole = fit(ReplayEngine(sampled, max_staleness=1), steps=2)
+    part = fit(ReplayEngine(sampled[:2], max_staleness=1), steps=1, tmp_path=tmp_path / "part")
+    saved = torch.load(tmp_path / "part" / "step=1.ckpt", weights_only=True)
     (state,) = saved["rollout_in_flight"]  # one process: rollout 1, sent by batch 1 before its update (from w0)
     assert torch.equal(state["rollout"]["input_ids"], sampled[1].input_ids) and state["version"] == 0
-    engine = ReplayEngine([], max_staleness=1)  # nothing to serve: the resumed step must train on the saved rollout
-    resumed = fit(engine, steps=2, tmp_path=tmp_path / "resumed", resume=str(tmp_path / "whole" / "step=1.ckpt"))
-    assert engine.served == 0 and resumed.trainer.global_step == 2
+    assert not same(weights(part), weights(whole))  # the stop was before the end
+    # continued to 2 steps: batch 2 sends rollout 2 and trains on the saved rollout 1, as the whole run did
+    engine = ReplayEngine(sampled[2:], max_staleness=1)
+    resumed = fit(engine, steps=2, tmp_path=tmp_path / "resumed", resume=str(tmp_path / "part" / "step=1.ckpt"))
+    assert engine.served == 1 and resumed.trainer.global_step == 2
     assert same(weights(resumed), weights(whole))

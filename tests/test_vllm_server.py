@@ -167,14 +167,14 @@ def test_two_processes_share_one_server_pushing_once_per_step(tmp_path, layout):
     assert zero["global_step"] == one["global_step"] == 8
     assert all(torch.equal(zero["params"][k], one["params"][k]) for k in zero["params"])  # one model
     assert any(not torch.equal(zero["params"][k], zero["initial"][k]) for k in zero["params"])
-    # 4 rollouts, each process its own prompts (one-step-off: sent by batches 0 to 3, batch 4 sends none)
-    assert len(zero["completions"]) == len(one["completions"]) == 4
+    # 4 rollouts, each process its own prompts; one-step-off sends one more (its first step updates nothing), which
+    # the last checkpoint waited for
+    assert len(zero["completions"]) == len(one["completions"]) == (5 if layout.endswith("off") else 4)
     assert zero["completions"] != one["completions"]
     assert all("time/weight_sync" in rank["logged"][-1] for rank in (zero, one))
     # The managed server (process 0's) got one push per update that a later rollout samples from, not one per
-    # process: before rollouts 1, 2 and 3; one-step-off, before rollouts 2 and 3 (rollout 1 is sent before the
-    # first update, and the last update has no rollout after it).
-    assert pushes(log) == (2 if layout.endswith("off") else 3)
+    # process: before rollouts 1, 2 and 3 (one-step-off: 2, 3 and 4; its rollout 1 is sent before any update).
+    assert pushes(log) == 3
     if layout.endswith("off"):
         assert [s["staleness"] for s in zero["logged"] if "staleness" in s] == [0.0, 1.0, 1.0, 1.0]
 
@@ -207,5 +207,5 @@ def test_one_step_off_with_a_managed_server(tmp_path):
         print({k: round(v, 4) for k, v in step.items() if k.startswith("importance/")})
         assert 0 < step["importance/ratio_min"] <= step["importance/ratio_mean"] <= step["importance/ratio_max"]
     assert abs(logged[0]["importance/ratio_mean"] - 1) < 1e-3  # staleness 0: the sampler's weights are the policy's
-    # batch 0 sends from w0, batch 1 too (no update yet), batch 2 from w1 (the one push), batch 3 sends nothing
-    assert pushes(log) == 1
+    # batch 0 sends from w0, batch 1 too (no update yet), batch 2 from w1, batch 3 from w2: two pushes
+    assert pushes(log) == 2

@@ -13,9 +13,9 @@ the sampler works while the trainer does, and the rollout a step trains on is on
     step 1:  send rollout 1 (w0)                update on rollout 0 → w1    (staleness 0: w0 sampled it)
     step 2:  send rollout 2 (w1)                update on rollout 1 → w2    (staleness 1)
 
-The first step only sends; the step whose update reaches ``max_steps`` sends nothing. The rollout in flight
-at a checkpoint is waited for and saved in it (every process's), so a resumed run trains on what the stopped
-one would have.
+The first step only sends. The last step sends too: no update uses that rollout, but the last checkpoint keeps
+it, as every checkpoint keeps the rollout in flight (waited for; every process's), so a resumed run, or one
+continued to a larger ``max_steps``, trains on what the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from grpo_lightning.engines.base import PendingRollout
 
 class RolloutMixin:
     """For a LightningModule with ``engine``, ``passes`` (the policy's pass root), ``tokenizer``, ``timings``,
-    ``rollout_steps`` and the ``sampling``, ``optimization`` and ``fast`` options."""
+    ``rollout_steps`` and the ``sampling`` and ``fast`` options."""
 
     # one-step-off: the batch sent, the rollout steps done when it was sent, and its rollout
     in_flight: tuple[dict[str, list[Any]], int, PendingRollout] | None = None
@@ -55,9 +55,7 @@ class RolloutMixin:
         if self.engine.max_staleness == 0:
             return batch, self._take(self._send(batch))
         before, self.in_flight = self.in_flight, None
-        mu, max_steps = self.optimization.mu, self.trainer.max_steps
-        if before is None or not (max_steps > 0 and self.global_step + mu >= max_steps):
-            self.in_flight = (batch, self.rollout_steps, self._send(batch))  # sampled from the weights as they are
+        self.in_flight = (batch, self.rollout_steps, self._send(batch))  # sampled from the weights as they are
         if before is None:
             return None
         sent, version, pending = before
