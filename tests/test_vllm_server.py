@@ -135,6 +135,18 @@ def test_a_server_killed_mid_run_stops_the_fit_with_a_checkpoint(tmp_path):
     finally:
         engine.close()
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 1  # the step done before
+    # the run resumes from it, with a new managed server holding the checkpoint's weights
+    engine = VLLMServerEngine(dtype="float32")
+    module = GRPOModule(TINY, dtype="float32", sampling=Sampling(num_generations=2, max_new_tokens=8), rollout=engine)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, limit_val_batches=0,
+    )
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(tmp_path / "last.ckpt"))
+    finally:
+        engine.close()
+    assert trainer.global_step == 3 and module.rollout_steps == 3
 
 
 # --- several training processes, one-step-off -------------------------------------------------------------------
