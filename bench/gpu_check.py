@@ -163,7 +163,7 @@ def run_ours(args, settings: dict, model_dir: Path) -> dict:
             out = timed(name, stage, *stage_args)
         memory.end_phase(name)
         if name == "sampling":
-            prompt_lengths.append(out.prompt_length)  # P of this step's left-padded prompts
+            prompt_lengths.append(out[1].prompt_length)  # P of this step's left-padded prompts (out: batch, rollout)
         return out
 
     module._timed = timed_and_measured

@@ -122,3 +122,25 @@ def test_a_resume_trains_on_the_rollout_that_was_in_flight(sampled, tmp_path):
     resumed = fit(engine, steps=2, tmp_path=tmp_path / "resumed", resume=str(tmp_path / "part" / "step=1.ckpt"))
     assert engine.served == 1 and resumed.trainer.global_step == 2
     assert same(weights(resumed), weights(whole))
+
+
+def test_each_process_takes_its_own_rollout_in_flight_and_another_count_is_refused(sampled):
+    from types import SimpleNamespace
+
+    from grpo_lightning.engines.mixin import RolloutMixin
+
+    def state(rollout: Rollout) -> dict:
+        fields = {k: v for k, v in dataclasses.asdict(rollout).items() if k != "importance_sampling"}
+        return {"batch": {"prompt": [f"rows {rollout.input_ids.shape}"]}, "version": 3, "rollout": fields}
+
+    process = RolloutMixin()
+    process.engine, process.trainer, process.global_rank = ReplayEngine([]), SimpleNamespace(world_size=2), 1
+    process.load_in_flight_state([state(sampled[0]), state(sampled[1])])
+    batch, version, pending = process.in_flight
+    assert version == 3 and torch.equal(pending.result().input_ids, sampled[1].input_ids)  # process 1's
+    process.trainer = SimpleNamespace(world_size=3)
+    with pytest.raises(ValueError, match="rollouts in flight of 2 processes, this run has 3"):
+        process.load_in_flight_state([state(sampled[0]), state(sampled[1])])
+    process.in_flight = None
+    process.load_in_flight_state([None, None])  # a checkpoint of a synchronous run: nothing in flight
+    assert process.in_flight is None
