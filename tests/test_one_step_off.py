@@ -144,3 +144,19 @@ def test_each_process_takes_its_own_rollout_in_flight_and_another_count_is_refus
     process.in_flight = None
     process.load_in_flight_state([None, None])  # a checkpoint of a synchronous run: nothing in flight
     assert process.in_flight is None
+
+
+def test_the_progress_bar_counts_the_first_step_that_only_sends():
+    from types import SimpleNamespace
+
+    from grpo_lightning.train.callbacks import GRPOProgressBar
+
+    def total(max_staleness: int, in_flight: object = None) -> int:
+        bar = GRPOProgressBar()
+        module = SimpleNamespace(engine=ReplayEngine([], max_staleness), in_flight=in_flight, optimization=SimpleNamespace(mu=2))
+        bar._trainer = SimpleNamespace(max_steps=8, global_step=2, lightning_module=module)
+        return bar.total_train_batches
+
+    assert total(0) == 3  # (8 - 2) optimizer steps at μ 2
+    assert total(1) == 4  # one-step-off starting: one batch more
+    assert total(1, in_flight=("batch", 0, "rollout")) == 3  # resumed with a rollout in flight: none more

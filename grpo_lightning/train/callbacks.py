@@ -154,7 +154,10 @@ class GRPOProgressBar(TQDMProgressBar):
     def total_train_batches(self) -> int | float:
         trainer = self.trainer
         if trainer.max_steps > 0:
-            return (trainer.max_steps - trainer.global_step) // trainer.lightning_module.optimization.mu
+            module = trainer.lightning_module
+            # one-step-off's first step updates nothing (none on a resume that holds a rollout in flight)
+            first = int(bool(module.engine.max_staleness) and module.in_flight is None)
+            return (trainer.max_steps - trainer.global_step) // module.optimization.mu + first
         return super().total_train_batches
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:

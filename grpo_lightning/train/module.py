@@ -228,7 +228,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         try:
             taken = self._timed("sampling", self._rollout, batch)
         except ConnectionError as e:  # a rollout server is gone: keep the steps done so far, before any update
-            self.in_flight = None  # (one-step-off: its rollout is lost with the server; the resume samples it again)
+            self.in_flight = None  # (one-step-off: its rollout is lost with the server)
             path = checkpoint_path(self.trainer)
             self.trainer.save_checkpoint(path)
             raise type(e)(f"{e}; checkpoint written to {path} (resume with --ckpt_path)") from e
