@@ -54,7 +54,7 @@ class RolloutMixin:
         (one-step-off's first step). The engine's own stage times join the step's (``time/*``)."""
         if self.engine.max_staleness == 0:
             return batch, self._take(self._send(batch))
-        before, self.in_flight = self.in_flight, None
+        before, self.in_flight = self.in_flight, None  # (cleared first: a send that fails leaves none)
         self.in_flight = (batch, self.rollout_steps, self._send(batch))  # sampled from the weights as they are
         if before is None:
             return None
