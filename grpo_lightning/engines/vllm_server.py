@@ -63,17 +63,23 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _from_process_0(value: Any) -> Any:
+    """Process 0's ``value`` (picklable) on every process."""
+    if _rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _outcome(error: str | None, first_only: bool) -> None:
     """Raise ``error`` on every process if any process has one: process 0's (``first_only``) or every process's."""
-    rank, world = _rank_and_world()
-    if world > 1:
-        if first_only:
-            shared = [error]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            errors = shared
-        else:
-            errors = [None] * world
-            torch.distributed.all_gather_object(errors, error)
+    world = _rank_and_world()[1]
+    if first_only:
+        error = _from_process_0(error)
+    elif world > 1:
+        errors = [None] * world
+        torch.distributed.all_gather_object(errors, error)
         error = next((e for e in errors if e), None)
     if error:
         raise VLLMServerError(error)
@@ -148,11 +154,10 @@ class VLLMServerEngine(ServerConnection, RolloutEngine):
                 self._start_here(policy, tokenizer, weights)
             except VLLMServerError as e:
                 error = str(e)
-        _outcome(error, first_only=True)
-        shared = [self.url]
-        if _rank_and_world()[1] > 1:
-            torch.distributed.broadcast_object_list(shared, src=0)
-        self.url, self.started = shared[0], True
+        url, error = _from_process_0((self.url, error))
+        if error:
+            raise VLLMServerError(error)
+        self.url, self.started = url, True
 
     def _start_here(self, policy: Any, tokenizer: Any, weights: dict[str, torch.Tensor]) -> None:
         if self.weights_dir:

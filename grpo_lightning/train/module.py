@@ -180,7 +180,8 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         checkpoint["skip_guard"] = self.guard.state_dict()  # the same on every process: one decision for all
         checkpoint["rollout_steps"] = self.rollout_steps
         checkpoint["last_evaluation"] = self.evaluation_state()
-        checkpoint["rollout_in_flight"] = gather_objects(self._strategy, self.in_flight_state())  # one-step-off's
+        if self.engine.max_staleness:  # one-step-off's rollout in flight, every process's
+            checkpoint["rollout_in_flight"] = gather_objects(self._strategy, self.in_flight_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.engine.update_weights(self.policy)  # the checkpoint's weights replace the ones an engine holds
