@@ -21,6 +21,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # allow `python bench/ours_side.py` as well as `python -m bench.ours_side`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from grpo_lightning.fast.huge_pages import ask_for_huge_pages
+
+ask_for_huge_pages()  # as the command line does, before torch is imported (THP_MEM_ALLOC_ENABLE=0: without)
+
 from bench import workload
 from bench.timing import emit_result, peak_rss_mib
 

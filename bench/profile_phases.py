@@ -20,6 +20,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from grpo_lightning.fast.huge_pages import ask_for_huge_pages
+
+ask_for_huge_pages()  # as the command line does, before torch is imported (THP_MEM_ALLOC_ENABLE=0: without)
+
 from bench import workload
 from bench.ours_side import build, parse_module_args, prompt_batches
 

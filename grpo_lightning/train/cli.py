@@ -11,6 +11,10 @@ the command that resumes it.
 
 from __future__ import annotations
 
+from grpo_lightning.fast.huge_pages import ask_for_huge_pages
+
+ask_for_huge_pages()  # before torch is imported (below): torch reads the switch once, at its first allocation
+
 import os
 import shlex
 import signal
