@@ -6,8 +6,8 @@ of bench setting (a) maps about 10 GB a step, 2.5 million faults. torch's CPU al
 each buffer of 2 MiB or more to 2 MiB and ask the kernel for huge pages for it (``madvise(MADV_HUGEPAGE)``)
 when ``THP_MEM_ALLOC_ENABLE=1`` is set. It reads that variable once, at its first allocation, that is while
 ``import torch`` runs, so the ``grpo-lightning`` command sets it before it imports torch
-(:func:`ask_for_huge_pages`). Measured on the 24-layer bench, the update's faults fell from 2.5 to 0.9
-million and a step took about a tenth less, at the same peak (bench/README.md).
+(:func:`ask_for_huge_pages`). Measured on the 24-layer bench, an update's faults fell from 2.4–2.5 to 0.9–1.0
+million and its time by 7–12%, at the same peak (bench/README.md).
 
 The kernel has the last word: ``/sys/kernel/mm/transparent_hugepage/enabled`` at ``never`` leaves every
 page 4 KiB, and at ``always`` large buffers get huge pages wherever they happen to be aligned. A value the
