@@ -33,7 +33,7 @@ def sampling_mode(model: Any, rows: int = 1, kernels: bool = True) -> Iterator[N
     """Eval mode with checkpointing paused for the duration; the previous state is restored after.
 
     On the CPU, fp32 linear layers run through oneDNN meanwhile (:func:`~grpo_lightning.fast.kernels.onednn_linears`),
-    the LM head reordered for ``rows`` (the rows decoded at once): the bulk of a decoding step. Sampling
+    their weights reordered for ``rows`` (the rows decoded at once): the bulk of a decoding step. Sampling
     runs without gradients, which that needs. ``kernels=False`` leaves that to the caller (a root's forward).
     """
     was_training, checkpointing = model.training, is_checkpointing(model)
@@ -41,7 +41,7 @@ def sampling_mode(model: Any, rows: int = 1, kernels: bool = True) -> Iterator[N
         set_checkpointing(model, False)
     model.eval()
     try:
-        with onednn_linears(causal_lm(model), packed_head_rows=rows) if kernels else contextlib.nullcontext():
+        with onednn_linears(causal_lm(model), packed_rows=rows) if kernels else contextlib.nullcontext():
             yield
     finally:
         model.train(was_training)
@@ -156,7 +156,7 @@ def generate_rollout(
     heap = heap_kept(step_buffers) if fast and device.type == "cpu" else contextlib.nullcontext()
     with sampling_mode(model, rows, kernels=False), generation_config(model, use_model_generation_config), heap:
         pieces = passes.generate(
-            chunks, share, record, inside=onednn_linears(causal_lm(model), packed_head_rows=rows) if fast else None,
+            chunks, share, record, inside=onednn_linears(causal_lm(model), packed_rows=rows) if fast else None,
             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, return_dict_in_generate=True,
             output_scores=record_logprobs and sampler is None, **kwargs,
         )
