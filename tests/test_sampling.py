@@ -17,10 +17,14 @@ PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 
 def test_sampling_mode_swaps_every_linear_and_puts_each_back(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {name: module for name, module in model.named_modules() if type(module) is torch.nn.Linear}
+    frozen = "model.layers.0.mlp.up_proj"
+    before[frozen].weight.requires_grad_(False)  # as a LoRA's base layers: no gradient whose memory a copy takes
     with sampling_mode(model, rows=4):
         during = dict(model.named_modules())
         assert all(isinstance(during[name], OneDNNLinear) for name in before)
-        assert all(during[name].kernel_weight.is_mkldnn for name in before)  # every weight reordered for 4 rows
+        # the head and every trainable weight reordered for 4 rows; the frozen one multiplied as it is
+        assert all(during[name].kernel_weight.is_mkldnn for name in before if name != frozen)
+        assert during[frozen].kernel_weight.data_ptr() == before[frozen].weight.data_ptr()
         assert all(during[name].weight is layer.weight for name, layer in before.items())  # the model's own
     after = dict(model.named_modules())
     assert all(after[name] is module for name, module in before.items())

@@ -80,11 +80,14 @@ class OneDNNLinear(torch.nn.Module):
 def onednn_linears(model: Any, packed_rows: int | None = None) -> Iterator[None]:
     """Every fp32 CPU ``nn.Linear`` of ``model`` runs through :class:`OneDNNLinear` meanwhile, then is put back.
 
-    ``packed_rows`` reorders every weight for products of that many rows (the rows of a decoding step): a
-    copy of the weights for the duration. At 24 layers it takes 0.4 s and saves 1.2 s of 64 decoding steps
-    of 8 rows (bench/README.md). For passes without gradients only; where torch has no oneDNN (some non-x86
-    builds), or under autocast (whose bf16 or fp16 products are what a GPU runs), this does nothing.
+    ``packed_rows`` reorders the LM head's weight and every trainable one for products of that many rows (the
+    rows of a decoding step): at 24 layers 0.4 s of copies saves 0.5–1 s of 64 steps of 8 rows
+    (bench/README.md). The copies live for the duration and are no larger than the gradients an update holds
+    (freed before sampling), so sampling does not raise a run's peak; frozen weights (a LoRA's base layers)
+    are used as they are. For passes without gradients only; where torch has no oneDNN (some non-x86 builds),
+    or under autocast (whose bf16 or fp16 products are what a GPU runs), this does nothing.
     """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     swaps = []
     if onednn_available() and not torch.is_autocast_enabled("cpu"):
         for parent in model.modules():
@@ -93,7 +96,8 @@ def onednn_linears(model: Any, packed_rows: int | None = None) -> Iterator[None]
                 # (a DTensor weight is a shard, gathered only inside its layer's forward: FSDP2 runs it as is)
                 plain = type(w) in (torch.Tensor, torch.nn.Parameter)
                 if type(child) is torch.nn.Linear and plain and w.device.type == "cpu" and w.dtype == torch.float32:
-                    swaps.append((parent, name, child, OneDNNLinear(child, packed_rows)))
+                    packed = packed_rows if child is head or w.requires_grad else None
+                    swaps.append((parent, name, child, OneDNNLinear(child, packed)))
     for parent, name, _, replacement in swaps:
         setattr(parent, name, replacement)
     try:
