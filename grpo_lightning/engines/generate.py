@@ -33,8 +33,9 @@ def sampling_mode(model: Any, rows: int = 1, kernels: bool = True) -> Iterator[N
     """Eval mode with checkpointing paused for the duration; the previous state is restored after.
 
     On the CPU, fp32 linear layers run through oneDNN meanwhile (:func:`~grpo_lightning.fast.kernels.onednn_linears`),
-    their weights reordered for ``rows`` (the rows decoded at once): the bulk of a decoding step. Sampling
-    runs without gradients, which that needs. ``kernels=False`` leaves that to the caller (a root's forward).
+    the LM head's and the trainable weights reordered for ``rows`` (the rows decoded at once): the bulk of a
+    decoding step. Sampling runs without gradients, which that needs. ``kernels=False`` leaves that to the
+    caller (a root's forward).
     """
     was_training, checkpointing = model.training, is_checkpointing(model)
     if checkpointing:
