@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from grpo_lightning.fast.compiled_layers import compiled_layers
 from grpo_lightning.fast.gated_mlp import gated_mlps
 from grpo_lightning.fast.kernels import autocast_as, autocast_state, linear, times_weight
 from grpo_lightning.hf.models import causal_lm, is_checkpointing
@@ -286,13 +285,11 @@ class MemorySafeHead(PlainHead):
     taken inside the head pass (:class:`HeadLoss`, with the tied embedding's two gradients in one buffer).
     :class:`~grpo_lightning.hf.passes.PlainHead` computes the same with autograd, keeping every chunk's
     logits for the backward pass (``tests/test_fast_switch.py`` holds them equal). ``fused_mlps``, one of
-    ``model.fast``'s speed pieces, runs the update's gated MLPs through :class:`~grpo_lightning.fast.gated_mlp.GatedMLP`;
-    ``compiled`` (``model.torch_compile``) runs its decoder layers through
-    :func:`~grpo_lightning.fast.compiled_layers.compiled_layers` instead.
+    ``model.fast``'s speed pieces, runs the update's gated MLPs through :class:`~grpo_lightning.fast.gated_mlp.GatedMLP`.
     """
 
-    def __init__(self, fused_mlps: bool = True, compiled: bool = False):
-        self.fused_mlps, self.compiled = fused_mlps, compiled
+    def __init__(self, fused_mlps: bool = True):
+        self.fused_mlps = fused_mlps
 
     def logprobs(self, model: Any, hidden: Tensor, targets: Tensor, chunk_rows: int, temperature: float,
                  with_entropy: bool) -> Tensor | tuple[Tensor, Tensor]:
@@ -303,9 +300,7 @@ class MemorySafeHead(PlainHead):
              temperature: float, loss_scale: float) -> tuple[Tensor, Tensor, Tensor, dict]:
         head = causal_lm(model).get_output_embeddings()
         sink, embed = _tied_embedding(model, head.weight)
-        # (a checkpoint's recompute must match its forward: neither piece under activation checkpointing)
-        own_forward = is_checkpointing(model)
-        with compiled_layers(model, enabled=self.compiled and not own_forward), \
-                gated_mlps(model, enabled=self.fused_mlps and not self.compiled and not own_forward):
+        # (a checkpoint's recompute must match its forward: no fused MLPs under activation checkpointing)
+        with gated_mlps(model, enabled=self.fused_mlps and not is_checkpointing(model)):
             hidden = completion_hidden(model, ids, attn, P, group, embed)
         return head_loss(hidden, head.weight, ids[:, P:], loss_fn, chunk_rows, head.bias, temperature, sink, loss_scale)

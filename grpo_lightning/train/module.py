@@ -67,9 +67,6 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             ``generate``'s own sampling, the model's own MLPs. Both give the same update up to float
             rounding. Either way the LM head never holds full-vocabulary logits for all rows
             (:class:`~grpo_lightning.fast.head_loss.MemorySafeHead`).
-        torch_compile: Compile the policy's decoder layers with ``torch.compile`` for the update's forward and
-            backward (:mod:`grpo_lightning.fast.compiled_layers`; it then fuses the MLPs as well). The first
-            update compiles, which takes a minute or more: worth it for a long run. Off by default.
         optimizer: Optimizer factory; default Adam with lr 5e-6 (the seed's), fused.
         lr_scheduler: Optional scheduler factory, stepped after every optimizer step.
         lora: Train LoRA adapters (``peft``) instead of all weights; ``None`` for full fine-tuning. The
@@ -92,7 +89,6 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
         memory: Memory = Memory(),
         evaluation: Evaluation = Evaluation(),
         fast: bool = True,
-        torch_compile: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lora: LoRA | None = None,
@@ -120,7 +116,7 @@ class GRPOModule(RolloutMixin, EvaluationMixin, L.LightningModule):
             trust_remote_code=trust_remote_code,
         )
         self.reference = build_reference(self.policy, loss.beta, lora)
-        self.head = MemorySafeHead(fused_mlps=fast, compiled=torch_compile)  # how the passes run the LM head, on every device
+        self.head = MemorySafeHead(fused_mlps=fast)  # how the passes run the LM head, on every device
         self.timings: dict[str, float] = {}
         self._grad_norm = torch.zeros(())
         self.guard = SkipGuard(optimization.max_consecutive_skips)
