@@ -82,10 +82,10 @@ def onednn_linears(model: Any, packed_rows: int | None = None) -> Iterator[None]
 
     ``packed_rows`` reorders the LM head's weight and every trainable one for products of that many rows (the
     rows of a decoding step): at 24 layers 0.4 s of copies saved 0.1–1.0 s of 64 steps of 8 rows, measured
-    in alternated pairs (bench/README.md). The copies live for the duration and are no larger than the gradients an update holds
-    (freed before sampling), so sampling does not raise a run's peak; frozen weights (a LoRA's base layers)
-    are used as they are. For passes without gradients only; where torch has no oneDNN (some non-x86 builds),
-    or under autocast (whose bf16 or fp16 products are what a GPU runs), this does nothing.
+    in alternated pairs (bench/README.md). The copies live for the duration and are no larger than the
+    gradients an update holds (freed before sampling), so sampling does not raise a run's peak; frozen weights
+    (a LoRA's base layers) are used as they are. For passes without gradients only; where torch has no oneDNN
+    (some non-x86 builds), or under autocast (whose bf16 or fp16 products are what a GPU runs), this does nothing.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     swaps = []
